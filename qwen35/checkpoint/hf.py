@@ -1,0 +1,204 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (sharded, with an index).
+
+Our parameter names are transformers' text-model names, so loading is the identity up to the
+prefix: the vision-language checkpoints (`Qwen3_5ForConditionalGeneration`, the official ones)
+put the text model under `model.language_model.*` beside `model.visual.*`, and also carry
+`mtp.*` (multi-token prediction) weights. We train the text model; the other tensors are carried
+through untouched (read again from the source files on save, never held in memory), so an
+export is the same model type that transformers and vLLM served before.
+
+Every tensor keeps the dtype it was stored in: official checkpoints store `A_log` and the GDN
+norm weight in float32 and the rest in bf16; we export each tensor in its stored dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from qwen35.model.config import Qwen35Config, read_config_json
+
+VL_TEXT_PREFIX = "model.language_model."
+CARRIED_PREFIXES = ("model.visual.", "mtp.")
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass
+class CheckpointOrigin:
+    """What a loaded model remembers of its checkpoint, for a faithful export."""
+
+    directory: Path
+    raw_config: dict
+    vision_language: bool
+    stored_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # by our parameter name
+    carried: dict[str, str] = field(default_factory=dict)  # carried key -> file name
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def weight_files(model_dir: Path) -> dict[str, str]:
+    """Checkpoint key -> safetensors file name, from the index or the single file."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    single = model_dir / SINGLE_NAME
+    if not single.is_file():
+        raise CheckpointError(f"{model_dir} has no {SINGLE_NAME} or {INDEX_NAME}")
+    with _open(single) as f:
+        return {key: SINGLE_NAME for key in f.keys()}
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated?") from None
+
+
+def _model_key(checkpoint_key: str, vision_language: bool) -> str | None:
+    """Our parameter name for a checkpoint key, or None for a carried (vision, MTP) tensor."""
+    if checkpoint_key.startswith(CARRIED_PREFIXES):
+        return None
+    if vision_language and checkpoint_key.startswith(VL_TEXT_PREFIX):
+        return "model." + checkpoint_key[len(VL_TEXT_PREFIX):]
+    return checkpoint_key
+
+
+def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=None):
+    """Builds the model on the meta device and fills it tensor by tensor from the checkpoint.
+
+    `dtype=None` keeps every tensor's stored dtype; otherwise tensors are cast to `dtype`
+    except the float32 ones the model keeps float32.
+    """
+    model_dir = Path(model_dir).expanduser()
+    raw = read_config_json(model_dir)
+    config = Qwen35Config.from_hf_dict(raw, source=str(model_dir / "config.json"))
+    files = weight_files(model_dir)
+    vision_language = "text_config" in raw or any(k.startswith(VL_TEXT_PREFIX) for k in files)
+    origin = CheckpointOrigin(model_dir, raw, vision_language)
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {name: p for name, p in model.named_parameters()}  # tied weights appear once
+    keep_fp32 = set(model.fp32_parameter_names())
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    unexpected = []
+    for key, file in files.items():
+        name = _model_key(key, vision_language)
+        if name is None:
+            origin.carried[key] = file
+        elif name in expected:
+            by_file.setdefault(file, []).append((key, name))
+        elif not (name == "lm_head.weight" and config.tie_word_embeddings):
+            unexpected.append(key)
+    found = {name for pairs in by_file.values() for _, name in pairs}
+    missing = sorted(set(expected) - found)
+
+    wrong_shapes, loaded = [], {}
+    for file, pairs in sorted(by_file.items()):
+        with _open(model_dir / file) as f:
+            for key, name in pairs:
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(expected[name].shape):
+                    wrong_shapes.append(f"{key}: checkpoint {shape}, model {tuple(expected[name].shape)}")
+                    continue
+                tensor = f.get_tensor(key)
+                origin.stored_dtypes[name] = tensor.dtype
+                target = torch.float32 if name in keep_fp32 else (dtype or tensor.dtype)
+                loaded[name] = tensor.to(device=device or "cpu", dtype=target)
+    if missing or unexpected or wrong_shapes:
+        lines = [f"checkpoint {model_dir} does not match the model built from its config.json:"]
+        for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("wrong shape", wrong_shapes)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+
+    model.load_state_dict(loaded, strict=False, assign=True)
+    model.tie_weights()
+    model.origin = origin
+    if origin.carried:
+        kinds = sorted({k.split(".")[1] if k.startswith("model.") else k.split(".")[0] for k in origin.carried})
+        print(f"qwen35: carrying {len(origin.carried)} tensors ({', '.join(kinds)}) through untouched; "
+              "they are written back unchanged on save")
+    return model
+
+
+def _export_tensors(model) -> dict[str, torch.Tensor]:
+    """Checkpoint key -> tensor in its stored dtype, the tied head left out as transformers does."""
+    origin = getattr(model, "origin", None)
+    stored = origin.stored_dtypes if origin else {}
+    prefix_vl = origin is not None and origin.vision_language
+    out = {}
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        key = VL_TEXT_PREFIX + name[len("model."):] if prefix_vl and name.startswith("model.") else name
+        out[key] = param.detach().to(device="cpu", dtype=stored.get(name, param.dtype)).contiguous()
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += nbytes
+    return shards + ([current] if current else [])
+
+
+def save_pretrained(model, output_dir, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes config.json and the weights (one file, or shards with an index) to `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    origin = getattr(model, "origin", None)
+    tensors = _export_tensors(model)
+    if origin and origin.carried:
+        if origin.directory.resolve() == output_dir.resolve():
+            raise CheckpointError(f"cannot save over the checkpoint {output_dir} that carried tensors are read from")
+        for file in sorted(set(origin.carried.values())):
+            with _open(origin.directory / file) as f:
+                for key in f.keys():
+                    if key in origin.carried:
+                        tensors[key] = f.get_tensor(key)
+
+    shards = _shards(tensors, max_shard_bytes)
+    for stale in list(output_dir.glob("model*.safetensors")) + list(output_dir.glob(INDEX_NAME)):
+        stale.unlink()
+    if len(shards) == 1:
+        save_file({k: tensors[k] for k in shards[0]}, str(output_dir / SINGLE_NAME), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, keys in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: tensors[k] for k in keys}, str(output_dir / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(keys, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (output_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    if origin and origin.vision_language:
+        config = origin.raw_config  # the same VL model type, served as before
+    else:
+        config = model.config.to_hf_dict()
+        dtypes = {t.dtype for k, t in tensors.items() if not k.endswith(("A_log", "linear_attn.norm.weight"))}
+        config["dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if origin:
+        for extra in ("generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+            if (origin.directory / extra).is_file() and not (output_dir / extra).exists():
+                shutil.copy(origin.directory / extra, output_dir / extra)

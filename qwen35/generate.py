@@ -1,0 +1,73 @@
+"""Incremental decoding: greedy or sampled, for a batch of prompts of different lengths.
+
+The prompts are prefilled together as one packed row (no padding ever enters a recurrent
+state), then every step feeds one token per sequence through the per-layer cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from qwen35.model.cache import InferenceCache
+
+
+def sample_next(logits_BV, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Greedy argmax, or a draw after temperature, top-k and top-p (nucleus) filtering."""
+    if not do_sample:
+        return logits_BV.argmax(-1)
+    logits = logits_BV.float() / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -torch.inf)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Returns the new tokens of each prompt (up to and including the first eos)."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token")
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+    eos = torch.tensor([] if eos_token_id is None else
+                       [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    param = next(model.parameters())
+    device, dtype = param.device, model.model.embed_tokens.weight.dtype
+    eos = eos.to(device)
+    lengths = torch.tensor([len(p) for p in prompts])
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device=device, dtype=torch.int32)
+    cache = InferenceCache(model.config, len(prompts), int(lengths.max()) + max_new_tokens, device, dtype)
+
+    packed = torch.tensor([t for p in prompts for t in p], device=device)[None]
+    hidden = model.model(packed, cu_seqlens=cu_seqlens, cache=cache)
+    logits = model.lm_head(hidden[0, cu_seqlens[1:].long() - 1])
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        new_tokens.append(torch.where(finished, -1, token))
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()):
+            break
+        logits = model.lm_head(model.model(token[:, None], cache=cache)[:, -1])
+    rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
+    return [[t for t in row if t >= 0] for row in rows]

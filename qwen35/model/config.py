@@ -1,0 +1,172 @@
+"""The Qwen3.5 text model's arguments: one flat dataclass mirroring HF `config.json`.
+
+A model directory's config.json comes in two forms: the text-only form (`model_type`
+"qwen3_5_text", written by `Qwen3_5ForCausalLM`) and the vision-language form ("qwen3_5", the
+official checkpoints), which nests the text model's arguments under `text_config`. Both read into
+the same `Qwen35Config`; the raw dict is kept so that an export writes back exactly what came in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5")
+
+
+@dataclass
+class Qwen35Config:
+    vocab_size: int = 248320
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 262144
+    # Rotary embedding: only the first `partial_rotary_factor` of each head is rotated.
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: tuple[int, ...] = (11, 11, 10)
+    # Gated DeltaNet (linear attention) layers.
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    # "full_attention" or "linear_attention" per layer; derived from `full_attention_interval`
+    # when config.json does not list them.
+    layer_types: list[str] = field(default_factory=list)
+    full_attention_interval: int = 4
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            n = self.full_attention_interval
+            self.layer_types = [
+                "full_attention" if (i + 1) % n == 0 else "linear_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}"
+            )
+        unknown = set(self.layer_types) - {"full_attention", "linear_attention"}
+        if unknown:
+            raise ValueError(f"unknown layer types {sorted(unknown)} in layer_types")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        self.mrope_section = tuple(self.mrope_section)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    # --- config.json ------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> Qwen35Config:
+        """Reads the text model's arguments from a config.json dict (text-only or VL form)."""
+        model_type = raw.get("model_type")
+        if model_type not in TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not a Qwen3.5 dense model "
+                f"(expected one of {', '.join(TEXT_MODEL_TYPES)})"
+            )
+        text = dict(raw["text_config"]) if "text_config" in raw else dict(raw)
+        if "tie_word_embeddings" in raw and "tie_word_embeddings" not in text:
+            text["tie_word_embeddings"] = raw["tie_word_embeddings"]
+        rope = dict(text.pop("rope_parameters", None) or {})
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key in text:
+                rope.setdefault(key, text.pop(key))
+        kwargs: dict[str, Any] = {k: text[k] for k in _FIELD_NAMES & text.keys()}
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = float(rope["rope_theta"])
+        if "partial_rotary_factor" in rope:
+            kwargs["partial_rotary_factor"] = float(rope["partial_rotary_factor"])
+        if "mrope_section" in rope:
+            kwargs["mrope_section"] = tuple(rope["mrope_section"])
+        kwargs["layer_types"] = list(text.get("layer_types") or [])
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The text-only config.json that transformers' `Qwen3_5ForCausalLM` reads."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in _ROPE_FIELDS}
+        out.pop("full_attention_interval")
+        out["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+            "mrope_section": list(self.mrope_section),
+            "mrope_interleaved": True,
+        }
+        out.update(
+            model_type="qwen3_5_text",
+            architectures=["Qwen3_5ForCausalLM"],
+            hidden_act="silu",
+            attention_bias=False,
+            attention_dropout=0.0,
+        )
+        return out
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> Qwen35Config:
+        return cls.from_hf_dict(read_config_json(model_dir), source=str(Path(model_dir) / "config.json"))
+
+
+_FIELD_NAMES = {f.name for f in dataclasses.fields(Qwen35Config)} - {"layer_types"}
+_ROPE_FIELDS = {"rope_theta", "partial_rotary_factor", "mrope_section"}
+
+
+def read_config_json(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a model directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+# Published sizes, for random-initialised models (benchmarks) without a checkpoint.
+# (hidden, layers, heads, kv heads, ffn, GDN value heads, tied)
+_SIZES = {
+    "0.8B": (1024, 24, 8, 2, 3584, 16, True),
+    "2B": (2048, 24, 8, 2, 6144, 16, True),
+    "4B": (2560, 32, 16, 4, 9216, 32, True),
+    "9B": (4096, 32, 16, 4, 12288, 32, False),
+    "27B": (5120, 64, 24, 4, 17408, 48, False),
+}
+PRESETS = tuple(_SIZES)
+
+
+def preset(name: str, **overrides: Any) -> Qwen35Config:
+    if name not in _SIZES:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(_SIZES)}")
+    hidden, layers, heads, kv, ffn, v_heads, tied = _SIZES[name]
+    args = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=ffn,
+        linear_num_value_heads=v_heads,
+        tie_word_embeddings=tied,
+        eos_token_id=248046,
+    )
+    args.update(overrides)
+    return Qwen35Config(**args)

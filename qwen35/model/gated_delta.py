@@ -1,0 +1,93 @@
+"""The Gated DeltaNet layer (linear attention) of Qwen3.5.
+
+in_proj_qkv -> depthwise causal conv (SiLU) -> q, k `[.., Hk, Dk]`, v `[.., Hv, Dv]`;
+beta = sigmoid(in_proj_b x); g = -exp(A_log) * softplus(in_proj_a x + dt_bias), in float32;
+gated delta rule (ops) -> gated RMSNorm with z = in_proj_z x -> out_proj.
+
+`A_log` and `norm.weight` are stored in float32 in the official checkpoints and must stay so:
+rounding A_log to bf16 changes every head's decay. The model keeps them float32 whatever the
+compute dtype (see `Qwen35ForCausalLM.to_compute_dtype`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35 import ops
+from qwen35.model.config import Qwen35Config
+
+
+class GatedRMSNorm(nn.Module):
+    """`w * norm(x) * silu(z)`: an ordinary weight (initialised to 1), unlike the (1+w) norms."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x.to(dtype) * F.silu(z.float())).to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        key_dim = self.num_k_heads * self.head_k_dim
+        value_dim = self.num_v_heads * self.head_v_dim
+        self.split_sizes = (key_dim, key_dim, value_dim)
+        conv_dim = 2 * key_dim + value_dim
+
+        self.in_proj_qkv = nn.Linear(config.hidden_size, conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(config.hidden_size, value_dim, bias=False)
+        self.in_proj_b = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(config.hidden_size, self.num_v_heads, bias=False)
+        # nn.Conv1d only as the holder of the `[C, 1, K]` weight that checkpoints carry.
+        self.conv1d = nn.Conv1d(
+            conv_dim, conv_dim, config.linear_conv_kernel_dim, groups=conv_dim, bias=False
+        )
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(value_dim, config.hidden_size, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.dt_bias)
+        with torch.no_grad():  # decay rates A spread over (0.01, 16), as transformers initialises
+            self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0.01, 16).log())
+
+    def forward(self, x_BTD, cu_seqlens=None, cache=None):
+        batch, length, _ = x_BTD.shape
+        conv_state = recurrent_state = None
+        if cache is not None and cache.started:
+            conv_state, recurrent_state = cache.conv_state, cache.recurrent_state
+        want_state = cache is not None
+        qkv, conv_state = ops.causal_conv1d(
+            self.in_proj_qkv(x_BTD), self.conv1d.weight.squeeze(1), cu_seqlens, conv_state, want_state
+        )
+        q, k, v = qkv.split(self.split_sizes, dim=-1)
+        q = q.reshape(batch, length, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(batch, length, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
+        beta = self.in_proj_b(x_BTD).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BTD).float() + self.dt_bias)
+
+        o, recurrent_state = ops.gated_delta_rule(
+            q, k, v, g, beta, cu_seqlens, recurrent_state, output_final_state=want_state
+        )
+        if cache is not None:
+            cache.update(conv_state, recurrent_state)
+        z = self.in_proj_z(x_BTD).reshape(batch, length, self.num_v_heads, self.head_v_dim)
+        o = self.norm(o, z)
+        return self.out_proj(o.reshape(batch, length, -1))

@@ -1,0 +1,41 @@
+import torch
+
+from qwen35.ops.attention import cached_attention, causal_attention
+
+
+def _qkv(length, batch=1, heads=4, kv_heads=2, dim=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, length, heads, dim, generator=gen),
+            torch.randn(batch, length, kv_heads, dim, generator=gen),
+            torch.randn(batch, length, kv_heads, dim, generator=gen))
+
+
+def _explicit(q, k, v):
+    """softmax(q k^T / sqrt(d) + causal mask) v with kv heads repeated, written out."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / q.shape[-1] ** 0.5
+    mask = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()
+    return torch.einsum("bhts,bshd->bthd", scores.masked_fill(~mask, -torch.inf).softmax(-1), v)
+
+
+def test_gqa_causal_attention_equals_explicit_softmax():
+    q, k, v = _qkv(10, batch=2)
+    assert torch.allclose(causal_attention(q, k, v), _explicit(q, k, v), atol=1e-6)
+
+
+def test_packed_attention_is_block_diagonal():
+    q, k, v = _qkv(15)
+    cu_seqlens = torch.tensor([0, 4, 5, 15], dtype=torch.int32)
+    packed = causal_attention(q, k, v, cu_seqlens)
+    for s, e in [(0, 4), (4, 5), (5, 15)]:
+        assert torch.allclose(packed[:, s:e], _explicit(q[:, s:e], k[:, s:e], v[:, s:e]), atol=1e-6)
+
+
+def test_cached_attention_of_ragged_sequences_equals_full_attention():
+    q, k, v = _qkv(7, batch=2)
+    lengths = torch.tensor([7, 4])  # sequence 1 holds 4 tokens; the rest of its cache is junk
+    newest = torch.stack([q[0, 6:7], q[1, 3:4]])
+    out = cached_attention(newest, k, v, lengths)
+    assert torch.allclose(out[0, 0], _explicit(q[:1], k[:1], v[:1])[0, 6], atol=1e-6)
+    assert torch.allclose(out[1, 0], _explicit(q[1:, :4], k[1:, :4], v[1:, :4])[0, 3], atol=1e-6)

@@ -1,0 +1,82 @@
+"""Tiny random Qwen3.5 models built by transformers: the reference every test compares against."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5TextConfig
+
+from qwen35 import Qwen35ForCausalLM
+
+# Each differs where the architecture has a choice: tying, GQA ratio, GDN value heads per key
+# head, full-attention interval, explicit layer_types.
+TINY_CONFIGS = {
+    "tied_interval2_gva2": dict(
+        tie_word_embeddings=True, num_hidden_layers=4, full_attention_interval=2,
+        num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=4,
+    ),
+    "untied_interval4_gqa4": dict(
+        tie_word_embeddings=False, num_hidden_layers=4, full_attention_interval=4,
+        num_attention_heads=4, num_key_value_heads=1, linear_num_key_heads=2, linear_num_value_heads=2,
+    ),
+    "explicit_layer_types_gva4": dict(
+        tie_word_embeddings=False, num_hidden_layers=5,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention"],
+        num_attention_heads=2, num_key_value_heads=2, linear_num_key_heads=1, linear_num_value_heads=4,
+    ),
+}
+
+
+def tiny_text_config(name: str = "tied_interval2_gva2", **overrides) -> Qwen3_5TextConfig:
+    args = dict(
+        vocab_size=97, hidden_size=32, intermediate_size=48, head_dim=16,
+        linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+        pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+    args.update(TINY_CONFIGS[name])
+    args.update(overrides)
+    interval = args.pop("full_attention_interval", None)
+    config = Qwen3_5TextConfig(**args, **({"full_attention_interval": interval} if interval else {}))
+    config._attn_implementation = "eager"
+    return config
+
+
+def perturb_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Zero-initialised (1+w) norm weights would hide a wrong `w` vs `1+w`, so every norm weight
+    and dt_bias is moved off its initial value. A = exp(A_log) is drawn from (0.05, 0.5): with the
+    initial range up to 16 most heads forget everything at each step, and the gradients of A_log
+    and dt_bias vanish to rounding noise."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "dt_bias")):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("A_log"):
+                p.copy_((0.05 + 0.45 * torch.rand(p.shape, generator=gen)).log())
+
+
+def hf_text_model(name: str = "tied_interval2_gva2", seed: int = 0, **overrides) -> Qwen3_5ForCausalLM:
+    torch.manual_seed(seed)
+    model = Qwen3_5ForCausalLM(tiny_text_config(name, **overrides)).float().eval()
+    perturb_norms(model, seed)
+    return model
+
+
+def hf_vl_model(seed: int = 0) -> Qwen3_5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    text = tiny_text_config("untied_interval4_gqa4").to_dict()
+    config = Qwen3_5Config(
+        text_config=text,
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32),
+    )
+    model = Qwen3_5ForConditionalGeneration(config).float().eval()
+    perturb_norms(model, seed)
+    return model
+
+
+def ours_from_hf(hf_model, tmp_path, dtype=None) -> Qwen35ForCausalLM:
+    """Our model loaded, through our loader, from what transformers saved."""
+    directory = tmp_path / "hf_saved"
+    hf_model.save_pretrained(directory)
+    return Qwen35ForCausalLM.from_pretrained(directory, dtype=dtype).eval()
