@@ -181,6 +181,15 @@ class Qwen35Model(nn.Module):
         return self.norm(x)
 
 
+def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """The target of each position: the next label, -100 at a row's or a document's end."""
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    if cu_seqlens is not None:
+        next_starts = F.pad(document_starts(cu_seqlens, labels.shape[1])[1:], (0, 1), value=True)
+        targets = targets.masked_fill(next_starts[None], IGNORE_INDEX)
+    return targets
+
+
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor | None = None  # [B, T, V]; not computed when labels are given
@@ -211,10 +220,7 @@ class Qwen35ForCausalLM(nn.Module):
         hidden = self.model(input_ids, position_ids, cu_seqlens, cache)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden))
-        targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-        if cu_seqlens is not None:
-            starts_next = F.pad(document_starts(cu_seqlens, labels.shape[1])[1:], (0, 1), value=True)
-            targets = targets.masked_fill(starts_next[None], IGNORE_INDEX)
+        targets = next_token_targets(labels, cu_seqlens)
         loss_sum = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
         count = (targets != IGNORE_INDEX).sum()
         return CausalLMOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_loss_tokens=count)

@@ -1,0 +1,56 @@
+"""The step's loss normalisation: accumulation and packing must not change the gradient."""
+
+import torch
+
+from reference import hf_text_model, ours_from_hf
+from qwen35.train.step import forward_backward
+
+
+def _packed_batch(docs):
+    ids = torch.cat(docs)[None]
+    cu = torch.tensor([0, *[len(d) for d in docs]]).cumsum(0).to(torch.int32)
+    labels = ids.clone()
+    labels[0, cu[:-1].long()] = -100  # as the data pipeline marks prompt tokens
+    return {"input_ids": ids, "labels": labels, "cu_seqlens": cu}
+
+
+def _grads(model):
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _documents():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 97, (n,), generator=gen) for n in (30, 7, 52, 12, 3)]
+
+
+def test_accumulating_uneven_micro_batches_equals_one_batch(tmp_path):
+    model = ours_from_hf(hf_text_model("tied_interval2_gva2"), tmp_path)
+    docs = _documents()
+    micro = [_packed_batch(docs[:1]), _packed_batch(docs[1:4]), _packed_batch(docs[4:])]  # 30, 71, 3 tokens
+    loss_micro, count_micro = forward_backward(model, micro)
+    grads_micro = _grads(model)
+    loss_one, count_one = forward_backward(model, [_packed_batch(docs)])
+    grads_one = _grads(model)
+    assert count_micro == count_one
+    assert abs(loss_micro.item() - loss_one.item()) <= 1e-6 * loss_one.item()
+    for name in grads_one:
+        assert _rel(grads_micro[name], grads_one[name]) <= 1e-6, name
+
+
+def test_packed_step_equals_the_documents_unpacked(tmp_path):
+    model = ours_from_hf(hf_text_model("explicit_layer_types_gva4"), tmp_path)
+    docs = _documents()
+    loss_packed, _ = forward_backward(model, [_packed_batch(docs)])
+    grads_packed = _grads(model)
+    unpacked = [{"input_ids": d[None], "labels": torch.cat([torch.tensor([-100]), d[1:]])[None]} for d in docs]
+    loss_unpacked, _ = forward_backward(model, unpacked)
+    grads_unpacked = _grads(model)
+    assert abs(loss_packed.item() - loss_unpacked.item()) <= 1e-6 * loss_packed.item()
+    for name in grads_packed:
+        assert _rel(grads_packed[name], grads_unpacked[name]) <= 1e-5, name
