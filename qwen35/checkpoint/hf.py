@@ -19,8 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from qwen35.model.config import Qwen35Config, read_config_json
 
@@ -76,11 +80,16 @@ def _model_key(checkpoint_key: str, vision_language: bool) -> str | None:
     return checkpoint_key
 
 
-def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=None):
-    """Builds the model on the meta device and fills it tensor by tensor from the checkpoint.
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=None, parallelize=None):
+    """Builds the model on the meta device, then fills each parameter from the checkpoint.
 
     `dtype=None` keeps every tensor's stored dtype; otherwise tensors are cast to `dtype`
-    except the float32 ones the model keeps float32.
+    except the float32 ones the model keeps float32. `parallelize(model)`, if given, shards the
+    meta model (e.g. FSDP2); each rank then reads only the slices of the tensors it owns, so no
+    rank ever holds the whole model.
     """
     model_dir = Path(model_dir).expanduser()
     raw = read_config_json(model_dir)
@@ -91,33 +100,26 @@ def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=Non
 
     with torch.device("meta"):
         model = cls(config)
-    expected = {name: p for name, p in model.named_parameters()}  # tied weights appear once
-    keep_fp32 = set(model.fp32_parameter_names())
-    by_file: dict[str, list[tuple[str, str]]] = {}
-    unexpected = []
+    expected = dict(model.named_parameters())  # tied weights appear once
+    sources: dict[str, tuple[str, str]] = {}  # our name -> (file, checkpoint key)
+    unexpected, wrong_shapes = [], []
     for key, file in files.items():
         name = _model_key(key, vision_language)
         if name is None:
             origin.carried[key] = file
         elif name in expected:
-            by_file.setdefault(file, []).append((key, name))
+            sources[name] = (file, key)
         elif not (name == "lm_head.weight" and config.tie_word_embeddings):
             unexpected.append(key)
-    found = {name for pairs in by_file.values() for _, name in pairs}
-    missing = sorted(set(expected) - found)
-
-    wrong_shapes, loaded = [], {}
-    for file, pairs in sorted(by_file.items()):
+    for file in sorted({f for f, _ in sources.values()}):
         with _open(model_dir / file) as f:
-            for key, name in pairs:
-                shape = tuple(f.get_slice(key).get_shape())
+            for name, (_, key) in ((n, s) for n, s in sources.items() if s[0] == file):
+                stored = f.get_slice(key)
+                shape = tuple(stored.get_shape())
                 if shape != tuple(expected[name].shape):
                     wrong_shapes.append(f"{key}: checkpoint {shape}, model {tuple(expected[name].shape)}")
-                    continue
-                tensor = f.get_tensor(key)
-                origin.stored_dtypes[name] = tensor.dtype
-                target = torch.float32 if name in keep_fp32 else (dtype or tensor.dtype)
-                loaded[name] = tensor.to(device=device or "cpu", dtype=target)
+                origin.stored_dtypes[name] = _SAFETENSORS_DTYPES.get(stored.get_dtype(), torch.float32)
+    missing = sorted(set(expected) - set(sources))
     if missing or unexpected or wrong_shapes:
         lines = [f"checkpoint {model_dir} does not match the model built from its config.json:"]
         for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("wrong shape", wrong_shapes)):
@@ -125,14 +127,37 @@ def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=Non
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
 
-    model.load_state_dict(loaded, strict=False, assign=True)
+    keep_fp32 = set(model.fp32_parameter_names())
+    for name, param in expected.items():
+        target = torch.float32 if name in keep_fp32 else (dtype or origin.stored_dtypes[name])
+        param.data = param.data.to(target)
+    if parallelize is not None:
+        parallelize(model)
+    model.to_empty(device=device or "cpu")
     model.tie_weights()
+    with torch.no_grad():
+        for file in sorted({f for f, _ in sources.values()}):
+            with _open(model_dir / file) as f:
+                for name, param in model.named_parameters():
+                    if sources[name][0] == file:
+                        _fill(param, f.get_slice(sources[name][1]))
     model.origin = origin
-    if origin.carried:
+    if origin.carried and (not dist.is_initialized() or dist.get_rank() == 0):
         kinds = sorted({k.split(".")[1] if k.startswith("model.") else k.split(".")[0] for k in origin.carried})
         print(f"qwen35: carrying {len(origin.carried)} tensors ({', '.join(kinds)}) through untouched; "
               "they are written back unchanged on save")
     return model
+
+
+def _fill(param: torch.Tensor, stored) -> None:
+    """Copies the part of a stored tensor that this rank holds (all of it when not sharded)."""
+    if isinstance(param, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        local = param.to_local()
+        if local.numel():
+            local.copy_(stored[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+    else:
+        param.copy_(stored[:])
 
 
 def _export_tensors(model) -> dict[str, torch.Tensor]:
@@ -141,7 +166,8 @@ def _export_tensors(model) -> dict[str, torch.Tensor]:
     stored = origin.stored_dtypes if origin else {}
     prefix_vl = origin is not None and origin.vision_language
     out = {}
-    for name, param in model.state_dict().items():
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for name, param in full.items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         key = VL_TEXT_PREFIX + name[len("model."):] if prefix_vl and name.startswith("model.") else name
@@ -162,11 +188,16 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list
 
 
 def save_pretrained(model, output_dir, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes config.json and the weights (one file, or shards with an index) to `output_dir`."""
+    """Writes config.json and the weights (one file, or shards with an index) to `output_dir`.
+
+    Under FSDP every rank must call it (the full tensors are gathered); rank 0 writes.
+    """
     output_dir = Path(output_dir)
+    tensors = _export_tensors(model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
     origin = getattr(model, "origin", None)
-    tensors = _export_tensors(model)
     if origin and origin.carried:
         if origin.directory.resolve() == output_dir.resolve():
             raise CheckpointError(f"cannot save over the checkpoint {output_dir} that carried tensors are read from")

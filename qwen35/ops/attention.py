@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qwen35.ops.segments import split_documents
+from qwen35.ops.segments import pad_documents, unpad_documents
 
 
 def causal_attention(q, k, v, cu_seqlens=None, scale=None):
@@ -20,13 +20,11 @@ def causal_attention(q, k, v, cu_seqlens=None, scale=None):
     k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
     if cu_seqlens is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    else:
-        out = torch.cat([
-            F.scaled_dot_product_attention(
-                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scale
-            )
-            for s, e in split_documents(cu_seqlens)
-        ], dim=2)
+    else:  # one document per batch row; causal attention never reaches the padding after it
+        (q, index), (k, _), (v, _) = (pad_documents(x.transpose(1, 2), cu_seqlens) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=scale)
+        out = unpad_documents(out.transpose(1, 2), index).transpose(1, 2)
     return out.transpose(1, 2)
 
 

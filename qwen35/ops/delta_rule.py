@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qwen35.ops.segments import split_documents
+from qwen35.ops.segments import pad_documents, unpad_documents
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -112,21 +112,17 @@ def chunked_gated_delta_rule(q, k, v, g, beta, initial_state=None, chunk_size: i
 
 
 def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False):
-    """The op behind the seam (see `qwen35.ops`): chunked, per document when packed.
+    """The op behind the seam (see `qwen35.ops`): the chunked form.
 
-    With `cu_seqlens` the inputs are one packed row (`B == 1`) and the states, initial and
-    final, are per document `[N, Hv, Dk, Dv]`.
+    With `cu_seqlens` the inputs are one packed row (`B == 1`); the documents run as a padded
+    batch, each from its own state (zero, or `initial_state[i]`), and the final states are per
+    document `[N, Hv, Dk, Dv]`. The padding after a document has g = 0 and beta = 0, which leave
+    its state untouched.
     """
     if cu_seqlens is None:
         o, state = chunked_gated_delta_rule(q, k, v, g, beta, initial_state)
         return o, (state if output_final_state else None)
     assert q.shape[0] == 1, "packed rows (cu_seqlens) are passed as a batch of one"
-    outputs, states = [], []
-    for i, (start, end) in enumerate(split_documents(cu_seqlens)):
-        init = None if initial_state is None else initial_state[i : i + 1]
-        o, state = chunked_gated_delta_rule(
-            q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end], beta[:, start:end], init
-        )
-        outputs.append(o)
-        states.append(state)
-    return torch.cat(outputs, dim=1), (torch.cat(states) if output_final_state else None)
+    padded, index = zip(*(pad_documents(x, cu_seqlens) for x in (q, k, v, g, beta)))
+    o, state = chunked_gated_delta_rule(*padded, initial_state)
+    return unpad_documents(o, index[0]), (state if output_final_state else None)

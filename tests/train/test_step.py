@@ -39,8 +39,10 @@ def test_accumulating_uneven_micro_batches_equals_one_batch(tmp_path):
     grads_one = _grads(model)
     assert count_micro == count_one
     assert abs(loss_micro.item() - loss_one.item()) <= 1e-6 * loss_one.item()
-    for name in grads_one:
-        assert _rel(grads_micro[name], grads_one[name]) <= 1e-6, name
+    whole = [torch.cat([g[n].flatten() for n in sorted(g)]) for g in (grads_micro, grads_one)]
+    assert _rel(*whole) <= 1e-6  # the gradient as one vector
+    for name in grads_one:  # and each parameter's, up to float32 summation order
+        assert _rel(grads_micro[name], grads_one[name]) <= 1e-5, name
 
 
 def test_packed_step_equals_the_documents_unpacked(tmp_path):

@@ -1,0 +1,35 @@
+"""FSDP2 over the data-parallel ranks, applied to a built (or meta) model from outside.
+
+Each decoder layer is its own `fully_shard` unit (its weights are gathered just before it runs
+and freed after), and the root holds the embedding, final norm and head (one unit, so a tied
+embedding and head stay one parameter). Parameters, gradients and optimizer state are float32
+shards; the reduce-scatter of gradients runs in float32. Compute runs in bf16 through autocast,
+not through FSDP's `param_dtype`: that cast would round `A_log` and the GDN norm weight, which
+must stay float32 (DESIGN §3), while autocast leaves them to the float32 element-wise ops that
+use them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+
+def data_parallel_mesh(device_type: str) -> DeviceMesh:
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+
+
+def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True,
+               cpu_offload: bool = False) -> torch.nn.Module:
+    policy = dict(
+        mesh=mesh,
+        reshard_after_forward=reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+        offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    )
+    for layer in model.model.layers:
+        fully_shard(layer, **policy)
+    fully_shard(model, **policy)
+    return model
