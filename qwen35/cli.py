@@ -33,9 +33,59 @@ def _generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(out, skip_special_tokens=True))
 
 
+def _train(args: list[str]) -> None:
+    """`train` takes a YAML path and dotted flags, which argparse cannot describe ahead of time."""
+    from qwen35.train.config import format_help, load_run_config
+
+    rest = list(args)
+    if "-h" in rest or "--help" in rest:
+        print(TRAIN_USAGE + "\n" + format_help())
+        return
+    yaml_path = rest.pop(0) if rest and not rest[0].startswith("-") else None
+    if yaml_path is None:  # the built-in default run: a tiny model learning a generated task
+        from qwen35.train.builtin import DEFAULT_RUN_CONFIG
+
+        yaml_path = DEFAULT_RUN_CONFIG
+    from qwen35.train.builtin import run_default_or_train
+
+    run_default_or_train(load_run_config(yaml_path, rest))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from qwen35.train.builtin import evaluate_model_dir
+
+    evaluate_model_dir(args.model, args.data, args.limit)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from qwen35.plot import plot_metrics
+
+    print(plot_metrics(args.output_dir))
+
+
+TRAIN_USAGE = """usage: qwen35 train [CONFIG.yaml] [--section.key VALUE ...]
+
+Without a config file: the built-in default run (a tiny model trained from scratch on a generated
+arithmetic task, then evaluated). Keys (defaults shown) may be set in the YAML file or as flags:
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen35", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("train", help="train: qwen35 train [CONFIG.yaml] [--section.key VALUE ...]; "
+                        "without arguments, the built-in default run", add_help=False)
+
+    evaluate = commands.add_parser("eval", help="exact-match accuracy on the built-in task's held-out set")
+    evaluate.add_argument("--model", required=True, help="model directory")
+    evaluate.add_argument("--data", help="task JSONL (default: the built-in held-out set)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    evaluate.set_defaults(run=_eval)
+
+    plot = commands.add_parser("plot", help="draw the loss curves of a run to OUTPUT_DIR/loss.png")
+    plot.add_argument("output_dir")
+    plot.set_defaults(run=_plot)
 
     gen = commands.add_parser("generate", help="generate text from a model directory")
     gen.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
@@ -51,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":
+        _train(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
     args.run(args)
 
 

@@ -80,3 +80,15 @@ def ours_from_hf(hf_model, tmp_path, dtype=None) -> Qwen35ForCausalLM:
     directory = tmp_path / "hf_saved"
     hf_model.save_pretrained(directory)
     return Qwen35ForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+
+def tiny_model_dir(directory, name: str = "tied_interval2_gva2", seed: int = 0):
+    """A complete model directory, as downloaded from a hub but tiny: transformers-saved weights,
+    config.json and the project's small tokenizer with its chat template."""
+    from qwen35.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(directory)
+    model = hf_text_model(name, seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(directory)
+    return directory

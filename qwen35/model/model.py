@@ -18,7 +18,6 @@ from qwen35 import ops
 from qwen35.model.cache import InferenceCache
 from qwen35.model.config import Qwen35Config
 from qwen35.model.gated_delta import GatedDeltaNet, GatedRMSNorm
-from qwen35.ops.cross_entropy import linear_cross_entropy
 from qwen35.ops.segments import document_starts, positions_in_documents
 
 IGNORE_INDEX = -100
@@ -221,7 +220,7 @@ class Qwen35ForCausalLM(nn.Module):
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden))
         targets = next_token_targets(labels, cu_seqlens)
-        loss_sum = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        loss_sum = ops.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
         count = (targets != IGNORE_INDEX).sum()
         return CausalLMOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_loss_tokens=count)
 
@@ -265,10 +264,12 @@ class Qwen35ForCausalLM(nn.Module):
         return model.to_compute_dtype(dtype)
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=None) -> Qwen35ForCausalLM:
+    def from_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=None, parallelize=None) -> Qwen35ForCausalLM:
+        """Loads a HF model directory; `parallelize(model)` may shard it first (each rank then
+        reads only its shards). See `qwen35.checkpoint.hf.load_pretrained`."""
         from qwen35.checkpoint.hf import load_pretrained
 
-        return load_pretrained(cls, model_dir, dtype=dtype, device=device)
+        return load_pretrained(cls, model_dir, dtype=dtype, device=device, parallelize=parallelize)
 
     def save_pretrained(self, output_dir, max_shard_bytes: int = 5 * 2**30) -> None:
         from qwen35.checkpoint.hf import save_pretrained

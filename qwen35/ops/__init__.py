@@ -1,25 +1,71 @@
-"""The kernel seam: every token-mixing op the model calls, chosen in this one place.
+"""The kernel seam: every heavy op the model calls, chosen in this one place.
 
-The model calls `ops.gated_delta_rule`, `ops.causal_conv1d` and `ops.causal_attention`; each
-resolves to the torch reference (readable, runs anywhere, the ground truth of the tests) or,
-once selected with `use_backend("fast")`, to the GPU kernels. A fast op has the reference's
-signature and is tested against it.
+The model calls `ops.gated_delta_rule`, `ops.causal_conv1d`, `ops.causal_attention`,
+`ops.gated_rms_norm` and `ops.linear_cross_entropy`; each resolves to the torch reference
+(readable, runs anywhere, the ground truth of the tests) or, once selected with
+`use_backend("fast")`, to the GPU kernels of `qwen35.ops.fast` (flash-linear-attention, torch's
+varlen flash attention, a fused linear cross-entropy). A fast op has the reference's signature
+and is tested against it (tests/gpu).
+
+    from qwen35 import ops
+    ops.use_backend("fast")                 # raises, saying what to install, if it cannot run
+    ops.use_backend("fast", strict=False)   # warns and stays on the reference instead
 """
 
 from __future__ import annotations
 
+import warnings
+
 from qwen35.ops import attention as _attention
 from qwen35.ops import conv as _conv
+from qwen35.ops import cross_entropy as _cross_entropy
 from qwen35.ops import delta_rule as _delta_rule
+from qwen35.ops import norm as _norm
 from qwen35.ops.attention import cached_attention
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "fast")
 
-_active = {
+_REFERENCE = {
     "gated_delta_rule": _delta_rule.gated_delta_rule,
     "causal_conv1d": _conv.causal_conv1d,
     "causal_attention": _attention.causal_attention,
+    "gated_rms_norm": _norm.gated_rms_norm,
+    "linear_cross_entropy": _cross_entropy.linear_cross_entropy,
 }
+_active = dict(_REFERENCE)
+_backend = "reference"
+
+
+def use_backend(name: str, strict: bool = True) -> str:
+    """Routes the seam's ops to `name` ("reference" or "fast"); returns the backend now in use.
+
+    "fast" first checks the environment (`qwen35.envcheck`): no CUDA, no flash-linear-attention,
+    or a triton that miscompiles fla's backward on Hopper. With `strict` that raises
+    `FastPathUnavailable` with what to install; without it, it warns and keeps the reference.
+    Never a silent fallback that could compute wrong gradients.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "reference":
+        _active.update(_REFERENCE)
+        _backend = "reference"
+        return _backend
+    from qwen35.envcheck import check_fast_path
+
+    problem = check_fast_path(strict=strict)
+    if problem is not None:
+        warnings.warn(f"fast ops unavailable, using the torch reference: {problem}", stacklevel=2)
+        return use_backend("reference")
+    from qwen35.ops import fast
+
+    _active.update(fast.OPS)
+    _backend = "fast"
+    return _backend
+
+
+def current_backend() -> str:
+    return _backend
 
 
 def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False):
@@ -34,4 +80,16 @@ def causal_attention(q, k, v, cu_seqlens=None, scale=None):
     return _active["causal_attention"](q, k, v, cu_seqlens, scale)
 
 
-__all__ = ["gated_delta_rule", "causal_conv1d", "causal_attention", "cached_attention"]
+def gated_rms_norm(x, z, weight, eps):
+    return _active["gated_rms_norm"](x, z, weight, eps)
+
+
+def linear_cross_entropy(hidden_ND, weight_VD, targets_N):
+    """Summed token loss of `hidden @ weight.T` (targets -100 count nothing); no full logits."""
+    return _active["linear_cross_entropy"](hidden_ND, weight_VD, targets_N)
+
+
+__all__ = [
+    "BACKENDS", "use_backend", "current_backend", "gated_delta_rule", "causal_conv1d",
+    "causal_attention", "gated_rms_norm", "linear_cross_entropy", "cached_attention",
+]

@@ -68,7 +68,8 @@ class DataConfig:
     overlong: Literal["truncate", "drop"] = option(
         "truncate", "What to do with a sample longer than seq_len")
     on_malformed: Literal["skip", "error"] = option(
-        "error", "What to do with a data line that cannot be parsed or templated")
+        "skip", "What to do with a data line that cannot be parsed or templated: skip it (reported "
+        "with its file and line) or stop")
     num_workers: int = option(0, "Worker processes for tokenisation; 0: in the main process")
     cache_dir: str | None = option(
         None, "Directory for the tokenised data cache; null: no cache", path=True)

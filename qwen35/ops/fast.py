@@ -1,0 +1,267 @@
+"""The fast GPU ops behind the seam: same signatures and semantics as the torch references.
+
+- gated delta rule: flash-linear-attention's `chunk_gated_delta_rule` (varlen through
+  `cu_seqlens`, q/k L2-normalised in the kernel, more value than key heads handled natively
+  (GVA), initial and final states per document `[N, Hv, Dk, Dv]` in float32).
+- causal conv1d + SiLU: fla's triton `causal_conv1d` (channels last, varlen). fla keeps the
+  conv state as the last K inputs `[N, C, K]`; ours is the last K-1 `[N, C, K-1]`, so the state
+  is padded on the way in and trimmed on the way out (fla never reads its oldest column).
+- gated RMSNorm: fla's fused `rms_norm_gated` (`w * norm(x) * silu(z)`, one pass, eps passed).
+- causal softmax attention: `torch.nn.attention.varlen.varlen_attn` (flash attention on packed
+  `[T, H, D]`), causal through `window_size=(-1, 0)`; kv heads are repeated where this torch has
+  no `enable_gqa`. A plain batch `[B, T]` becomes B documents of length T.
+- linear cross-entropy: chunks of tokens through one bf16 matmul each, Liger's triton kernel
+  turns the logits into loss and logit-gradient in place, and the gradients of hidden and weight
+  are accumulated right there (the weight's in float32), so nothing is recomputed in backward.
+
+Host syncs: the kernels want the document lengths on the host (fla's chunk indices, the flash
+kernel's max length). They are read once per `cu_seqlens` tensor: `_host_view` keeps the last
+one by identity, so the 24 layers of a step share one copy. A `cu_seqlens` tensor must therefore
+never be modified in place (fla caches by identity too).
+
+A plain batch `[B, T]` runs through fla as a packed row of B documents of length T (cu_seqlens
+cached per shape): fla autotunes every kernel variant on first use, keyed on head counts and
+varlen-or-not, which costs minutes on a fresh machine; one variant is enough.
+
+Inputs on the CPU, or in a dtype flash attention lacks, go to the reference op.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from fla.modules.causal_conv1d import causal_conv1d as _fla_causal_conv1d
+from fla.modules.norm.fused_norm_gate import rms_norm_gated as _fla_rms_norm_gated
+from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
+from torch.nn.attention.varlen import varlen_attn
+
+from qwen35.ops import attention as _attention
+from qwen35.ops import conv as _conv
+from qwen35.ops import cross_entropy as _cross_entropy
+from qwen35.ops import delta_rule as _delta_rule
+from qwen35.ops import norm as _norm
+from qwen35.ops.cross_entropy import IGNORE_INDEX
+
+try:
+    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+except ImportError:  # the loss then stays the chunked torch reference
+    liger_cross_entropy_kernel = None
+
+_VARLEN_PARAMS = inspect.signature(varlen_attn).parameters
+_VARLEN_HAS_GQA = "enable_gqa" in _VARLEN_PARAMS
+
+
+class _HostView:
+    """The last `cu_seqlens` seen (by identity), with its host copy and longest document."""
+
+    tensor: torch.Tensor | None = None
+    cpu: torch.Tensor | None = None
+    max_len: int = 0
+
+
+def _host_view(cu_seqlens: torch.Tensor) -> _HostView:
+    if _HostView.tensor is not cu_seqlens:
+        cpu = cu_seqlens.cpu()  # the one sync per step
+        _HostView.tensor, _HostView.cpu = cu_seqlens, cpu
+        _HostView.max_len = int((cpu[1:] - cpu[:-1]).max()) if len(cpu) > 1 else 0
+    return _HostView
+
+
+_UNIFORM: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _uniform_cu_seqlens(batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(device, host) cu_seqlens of `batch` sequences of `length`: a plain batch run as a packed
+    row, so fla compiles and autotunes only its varlen kernels. Kept per shape, so the tensors
+    keep their identity (fla's caches) and cost no sync."""
+    key = (batch, length, str(device))
+    if key not in _UNIFORM:
+        if len(_UNIFORM) > 64:
+            _UNIFORM.clear()
+        cpu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+        _UNIFORM[key] = (cpu.to(device), cpu)
+    return _UNIFORM[key]
+
+
+def _as_packed(cu_seqlens, *tensors):
+    """Packed row (B == 1 with cu_seqlens) as is; a plain batch `[B, T, ...]` -> `[1, B*T, ...]`."""
+    if cu_seqlens is not None:
+        return tensors, cu_seqlens, _host_view(cu_seqlens).cpu
+    batch, length = tensors[0].shape[:2]
+    cu, cu_cpu = _uniform_cu_seqlens(batch, length, tensors[0].device)
+    return tuple(t.reshape(1, batch * length, *t.shape[2:]) for t in tensors), cu, cu_cpu
+
+
+def _on_gpu(*tensors) -> bool:
+    return all(t.is_cuda for t in tensors if t is not None)
+
+
+# --- gated delta rule -----------------------------------------------------------------------
+
+
+def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False):
+    """fla's chunked kernel; see `qwen35.ops.delta_rule.gated_delta_rule` for the contract."""
+    if not _on_gpu(q, k, v):
+        return _delta_rule.gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state)
+    batch, length = v.shape[:2]
+    (q, k, v, g, beta), cu, cu_cpu = _as_packed(cu_seqlens, q, k, v, g, beta)
+    o, state = _fla_chunk_gated_delta_rule(
+        q, k, v, g.float(), beta,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=True,
+        cu_seqlens=cu,
+        cu_seqlens_cpu=cu_cpu,
+    )
+    return o.view(batch, length, *o.shape[2:]), (state if output_final_state else None)
+
+
+# --- causal conv1d --------------------------------------------------------------------------
+
+
+def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_state=False):
+    """fla's triton conv with SiLU; see `qwen35.ops.conv.causal_conv1d` for the contract."""
+    if not _on_gpu(x):
+        return _conv.causal_conv1d(x, weight, cu_seqlens, initial_state, output_final_state)
+    fla_state = None if initial_state is None else F.pad(initial_state.to(x.dtype), (1, 0)).contiguous()
+    shape = x.shape
+    (x,), cu, cu_cpu = _as_packed(cu_seqlens, x)
+    y, final = _fla_causal_conv1d(
+        x, weight.contiguous(),
+        initial_state=fla_state,
+        output_final_state=output_final_state,
+        activation="silu",
+        cu_seqlens=cu,
+        cu_seqlens_cpu=cu_cpu,
+    )
+    if final is not None:
+        final = final[..., 1:].contiguous()  # [N, C, K] -> the last K-1 inputs
+    return y.view(shape), final
+
+
+# --- gated RMSNorm --------------------------------------------------------------------------
+
+
+def gated_rms_norm(x, z, weight, eps):
+    """fla's fused `w * norm(x) * silu(z)`; see `qwen35.ops.norm.gated_rms_norm`."""
+    if not _on_gpu(x, z):
+        return _norm.gated_rms_norm(x, z, weight, eps)
+    return _fla_rms_norm_gated(x, z, weight, None, activation="silu", eps=eps)
+
+
+# --- causal attention -----------------------------------------------------------------------
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return tensors[-1].dtype
+
+
+def causal_attention(q, k, v, cu_seqlens=None, scale=None):
+    """Flash attention on the packed row; see `qwen35.ops.attention.causal_attention`."""
+    dtype = _compute_dtype(q, k, v)
+    if not _on_gpu(q, k, v) or dtype not in (torch.bfloat16, torch.float16):
+        return _attention.causal_attention(q, k, v, cu_seqlens, scale)
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    q, k, v = (x.reshape(batch * length, x.shape[2], dim).to(dtype) for x in (q, k, v))
+    if cu_seqlens is None:
+        cu = torch.arange(0, (batch + 1) * length, length, device=q.device, dtype=torch.int32)
+        max_len = length
+    else:
+        cu, max_len = cu_seqlens.to(torch.int32), _host_view(cu_seqlens).max_len
+    extra = {}
+    if heads != kv_heads:
+        if _VARLEN_HAS_GQA:
+            extra["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+    if "window_size" in _VARLEN_PARAMS:
+        extra["window_size"] = (-1, 0)
+    else:  # the first releases of varlen_attn spelt causal as a flag
+        extra["is_causal"] = True
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra)
+    return out.view(batch, length, heads, dim)
+
+
+# --- fused linear cross-entropy -------------------------------------------------------------
+
+CE_CHUNK_TOKENS = 2048  # bf16 logits of one chunk: 2048 x 248,320 x 2 bytes = 1 GB
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T`; the gradients are made in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, targets_N, chunk_tokens):
+        dtype = _compute_dtype(hidden_ND, weight_VD)
+        with torch.autocast("cuda", enabled=False):
+            h, w = hidden_ND.to(dtype), weight_VD.to(dtype)
+            tokens, vocab = h.shape[0], w.shape[0]
+            targets = targets_N.contiguous()
+            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            loss_N = torch.zeros(tokens, dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(h) if want_h else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+            logits_buffer = torch.empty(min(chunk_tokens, tokens), vocab, dtype=dtype, device=h.device)
+            for start in range(0, tokens, chunk_tokens):
+                end = min(start + chunk_tokens, tokens)
+                logits = logits_buffer[: end - start]
+                torch.mm(h[start:end], w.t(), out=logits)
+                _liger_loss_and_grad(logits, targets[start:end], loss_N[start:end], want_h or want_w)
+                # `logits` now holds d loss / d logits (zero rows where the target is ignored)
+                if want_h:
+                    torch.mm(logits, w, out=grad_h[start:end])
+                if want_w:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(logits.t(), h[start:end])
+                    else:
+                        torch.addmm(grad_w, logits.t(), h[start:end], out_dtype=torch.float32, out=grad_w)
+            del logits_buffer
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden_ND.dtype, weight_VD.dtype)
+        return loss_N.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        if grad_h is not None:
+            grad_h = (grad_h.float() * grad_loss).to(hidden_dtype)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_loss).to(weight_dtype)
+        return grad_h, grad_w, None, None
+
+
+def _liger_loss_and_grad(logits, targets, loss_out, with_grad: bool) -> None:
+    vocab = logits.shape[1]
+    liger_cross_entropy_kernel[(logits.shape[0],)](
+        X_ptr=logits, X_stride=logits.stride(0), Y_ptr=targets, Y_stride=targets.stride(0),
+        weight_ptr=None, loss_ptr=loss_out, z_loss_ptr=None, loss_stride=loss_out.stride(0),
+        token_accuracy_ptr=None, token_accuracy_stride=0,
+        predicted_tokens_ptr=None, predicted_tokens_stride=0,
+        n_cols=vocab, n_non_ignore=1.0, sum_non_ignore_weight=1.0, weight_sum=0.0,
+        ignore_index=IGNORE_INDEX, lse_square_scale=0.0, label_smoothing=0.0, reduction="sum",
+        softcap=None, RETURN_Z_LOSS=False, RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False,
+        BLOCK_SIZE=min(32768, 1 << (vocab - 1).bit_length()), HAS_WEIGHT=False, HAS_SOFTCAPPING=False,
+        HAS_GRADIENTS=with_grad, num_warps=32,
+    )
+
+
+def linear_cross_entropy(hidden_ND, weight_VD, targets_N, chunk_tokens: int = CE_CHUNK_TOKENS):
+    """Fused; see `qwen35.ops.cross_entropy.linear_cross_entropy` for the contract."""
+    if liger_cross_entropy_kernel is None or not _on_gpu(hidden_ND, weight_VD):
+        return _cross_entropy.linear_cross_entropy(hidden_ND, weight_VD, targets_N)
+    return FusedLinearCrossEntropy.apply(hidden_ND, weight_VD, targets_N, chunk_tokens)
+
+
+OPS = {
+    "gated_delta_rule": gated_delta_rule,
+    "causal_conv1d": causal_conv1d,
+    "causal_attention": causal_attention,
+    "gated_rms_norm": gated_rms_norm,
+    "linear_cross_entropy": linear_cross_entropy,
+}

@@ -1,0 +1,130 @@
+"""What a run needs before its first step: the process layout, the model, the tokenizer, the data.
+
+Kept apart from the loop in `trainer.py` so the loop reads as the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import resource
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qwen35.data.dataset import build_datasets
+from qwen35.data.loader import PackedLoader
+from qwen35.model import Qwen35ForCausalLM, preset
+from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
+from qwen35.train.config import RunConfig
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: device, rank, and the compute precision.
+
+    Parameters, gradients and optimizer state stay float32 (the master weights); on a GPU the
+    forward and backward run in bf16 under autocast (`model.dtype` auto or bfloat16), on a CPU in
+    float32.
+    """
+
+    device: torch.device
+    rank: int
+    world_size: int
+    autocast_dtype: torch.dtype | None
+
+    @classmethod
+    def start(cls, cfg: RunConfig) -> Runtime:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        wants_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device.type == "cuda")
+        return cls(device, rank, world_size, torch.bfloat16 if wants_bf16 else None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def peak_memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
+    """The checkpoint at `model.path`, a random preset, or the built-in tiny model."""
+    from transformers import AutoTokenizer
+
+    from qwen35.train import builtin
+
+    parallelize = None
+    if rt.world_size > 1:
+        mesh = data_parallel_mesh(rt.device.type)
+        parallelize = partial(apply_fsdp, mesh=mesh, reshard_after_forward=cfg.parallel.reshard_after_forward,
+                              cpu_offload=cfg.parallel.cpu_offload)
+    if cfg.model.path:
+        path = Path(cfg.model.path)
+        model = Qwen35ForCausalLM.from_pretrained(path, dtype=torch.float32, device=rt.device, parallelize=parallelize)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        # Random weights: every rank draws the same full model from the seed, then keeps its shards.
+        tokenizer = builtin.tokenizer(cfg)
+        config = preset(cfg.model.preset) if cfg.model.preset else builtin.model_config(tokenizer)
+        model = Qwen35ForCausalLM.from_config(config, device=rt.device)
+        if parallelize is not None:
+            parallelize(model)
+    if cfg.train.activation_checkpointing:
+        from qwen35.parallel.compile import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    model.train()
+    return model, tokenizer
+
+
+def export_model(model, tokenizer, directory: Path, rt: Runtime) -> None:
+    """HF format: safetensors (stored dtypes), config.json, tokenizer files and chat template.
+
+    Every rank takes part (FSDP gathers the full tensors); rank 0 writes.
+    """
+    model.save_pretrained(directory)
+    if rt.is_main:
+        tokenizer.save_pretrained(directory)
+
+
+@dataclass
+class RunData:
+    loader: PackedLoader  # this rank's micro-batches, resumable
+    train_rows: int
+    val_batches: list[dict]  # this rank's share of the validation rows
+
+
+def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime) -> RunData:
+    datasets = build_datasets(cfg.data, tokenizer, progress=rt.is_main)
+    rt.print(datasets.stats.summary())
+    loader = PackedLoader(datasets.train, cfg.train.micro_batch_size, seed=cfg.data.seed,
+                          rank=rt.rank, world_size=rt.world_size)
+    val_batches = []
+    if datasets.val is not None:
+        val = PackedLoader(datasets.val, cfg.train.micro_batch_size, rank=rt.rank, world_size=rt.world_size,
+                           shuffle=False)
+        val_batches = list(itertools.islice(val, val.batches_per_epoch))
+    return RunData(loader, len(datasets.train), val_batches)

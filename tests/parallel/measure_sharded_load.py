@@ -1,0 +1,33 @@
+"""Loads a checkpoint into an FSDP2-sharded model and reports this rank's resident-memory growth."""
+
+import json
+import resource
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch.distributed as dist
+
+from qwen35 import Qwen35ForCausalLM
+from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+dist.init_process_group("gloo")
+mesh = data_parallel_mesh("cpu")
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
+before = current_rss_bytes()
+model = Qwen35ForCausalLM.from_pretrained(sys.argv[1], parallelize=partial(apply_fsdp, mesh=mesh))
+peak = max(peak_rss_bytes(), current_rss_bytes())
+Path(sys.argv[2].format(rank=dist.get_rank())).write_text(json.dumps({"growth": peak - before}))
+dist.destroy_process_group()

@@ -1,0 +1,77 @@
+"""Activation checkpointing and layer compilation change neither the numbers nor the names."""
+
+import pytest
+import torch
+
+from qwen35 import Qwen35Config, Qwen35ForCausalLM
+from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
+
+
+def _tiny_model(seed=0):
+    config = Qwen35Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, full_attention_interval=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, tie_word_embeddings=True,
+        mrope_section=(1, 1, 0),
+    )
+    torch.manual_seed(seed)
+    return Qwen35ForCausalLM.from_config(config)
+
+
+def _packed_batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (1, 45), generator=gen)
+    return ids, torch.tensor([0, 20, 33, 45], dtype=torch.int32)
+
+
+def _loss_and_grads(model):
+    ids, cu = _packed_batch()
+    out = model(ids, cu_seqlens=cu, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpointing_gives_the_same_loss_and_gradients(mode):
+    plain = _tiny_model()
+    loss_plain, grads_plain = _loss_and_grads(plain)
+    checkpointed = apply_activation_checkpointing(_tiny_model(), mode)
+    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed)
+    assert torch.equal(loss_plain, loss_ckpt)
+    assert grads_plain.keys() == grads_ckpt.keys()
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpointing_keeps_parameter_names_and_state_dict_keys(mode):
+    model = _tiny_model()
+    names, keys = [n for n, _ in model.named_parameters()], list(model.state_dict())
+    apply_activation_checkpointing(model, mode)
+    assert [n for n, _ in model.named_parameters()] == names
+    assert list(model.state_dict()) == keys
+    assert all(getattr(layer, "activation_checkpointing", False) for layer in model.model.layers)
+
+
+def test_checkpointing_twice_or_an_unknown_mode_is_refused():
+    model = apply_activation_checkpointing(_tiny_model(), "full")
+    with pytest.raises(ValueError, match="already"):
+        apply_activation_checkpointing(model, "full")
+    with pytest.raises(ValueError, match="selective"):
+        apply_activation_checkpointing(_tiny_model(), "everything")
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_compiled_layers_give_the_same_loss_and_keep_names(mode):
+    plain = _tiny_model()
+    loss_plain, grads_plain = _loss_and_grads(plain)
+    model = _tiny_model()
+    keys = list(model.state_dict())
+    compile_layers(apply_activation_checkpointing(model, mode), backend="aot_eager")
+    loss, grads = _loss_and_grads(model)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(loss, loss_plain, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
