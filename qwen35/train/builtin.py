@@ -38,12 +38,14 @@ def tokenizer(cfg: RunConfig):
 
 
 def model_config(tok) -> Qwen35Config:
-    """A tiny Qwen3.5: 4 layers (3 GDN, 1 gated attention), ~1.3M parameters."""
+    """A tiny Qwen3.5: 4 layers alternating GDN and gated attention, ~1M parameters. Two softmax
+    layers (interval 2, not the published 4) copy the operands exactly; with one, answers come out
+    off by one or two after the same training (33% vs 71% held-out on this task)."""
     return Qwen35Config(
         vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_key_head_dim=32,
         linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
-        full_attention_interval=4, tie_word_embeddings=True, rope_theta=10000.0,
+        full_attention_interval=2, tie_word_embeddings=True, rope_theta=10000.0,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
 

@@ -48,6 +48,10 @@ class ModelConfig:
     preset: str | None = option(
         None, "Random-initialised model of a named size (qwen35.model.PRESETS: 0.8B, 9B, ...) "
         "instead of a checkpoint; exclusive with path")
+    kernels: Literal["auto", "reference", "fast"] = option(
+        "auto", "Token-mixer kernels: fast (GPU: flash-linear-attention, varlen flash attention, "
+        "fused cross-entropy; refuses to start if they cannot run correctly), reference (torch), "
+        "auto (fast on a GPU where it can run, else the reference, with a warning)")
     dtype: Literal["auto", "float32", "bfloat16"] = option(
         "auto", "Compute dtype (parameters and optimizer state stay float32); "
         "auto: bfloat16 on GPU, float32 on CPU")
@@ -96,6 +100,7 @@ class TrainConfig:
     log_steps: int = option(1, "Log metrics every N steps")
     seed: int = option(42, "Seed for weight initialisation and dropout")
     grad_clip: float = option(1.0, "Clip the global gradient norm to this; 0: no clipping")
+    compile: bool = option(False, "torch.compile each decoder layer (fuses the elementwise work)")
     activation_checkpointing: bool = option(
         False, "Recompute each block's activations in the backward pass to save memory")
 

@@ -10,7 +10,6 @@ import itertools
 import os
 import resource
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +18,8 @@ import torch.distributed as dist
 from qwen35.data.dataset import build_datasets
 from qwen35.data.loader import PackedLoader
 from qwen35.model import Qwen35ForCausalLM, preset
+from qwen35 import ops
+from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
 from qwen35.train.config import RunConfig
 
@@ -49,6 +50,10 @@ class Runtime:
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         wants_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device.type == "cuda")
+        if cfg.model.kernels == "fast":
+            ops.use_backend("fast", strict=True)
+        elif cfg.model.kernels == "auto" and device.type == "cuda":
+            ops.use_backend("fast", strict=False)
         return cls(device, rank, world_size, torch.bfloat16 if wants_bf16 else None)
 
     @property
@@ -76,11 +81,15 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
 
     from qwen35.train import builtin
 
-    parallelize = None
-    if rt.world_size > 1:
-        mesh = data_parallel_mesh(rt.device.type)
-        parallelize = partial(apply_fsdp, mesh=mesh, reshard_after_forward=cfg.parallel.reshard_after_forward,
-                              cpu_offload=cfg.parallel.cpu_offload)
+    def parallelize(model):  # torchtitan's order: checkpointing, compile, then FSDP
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.train.compile:
+            compile_layers(model)
+        if rt.world_size > 1:
+            apply_fsdp(model, data_parallel_mesh(rt.device.type), cfg.parallel.reshard_after_forward,
+                       cfg.parallel.cpu_offload)
+
     if cfg.model.path:
         path = Path(cfg.model.path)
         model = Qwen35ForCausalLM.from_pretrained(path, dtype=torch.float32, device=rt.device, parallelize=parallelize)
@@ -90,12 +99,7 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
         tokenizer = builtin.tokenizer(cfg)
         config = preset(cfg.model.preset) if cfg.model.preset else builtin.model_config(tokenizer)
         model = Qwen35ForCausalLM.from_config(config, device=rt.device)
-        if parallelize is not None:
-            parallelize(model)
-    if cfg.train.activation_checkpointing:
-        from qwen35.parallel.compile import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
+        parallelize(model)
     model.train()
     return model, tokenizer
 

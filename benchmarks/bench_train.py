@@ -1,0 +1,512 @@
+"""Training throughput of qwen35's fast path against transformers + fla + Liger, same GPU, same run.
+
+    python benchmarks/bench_train.py --presets 0.8B 2B --seq-lens 8192 32768 --steps 10
+    python benchmarks/bench_train.py --presets 0.8B --max-context          # longest trainable row
+    python benchmarks/bench_train.py --smoke                               # CPU, tiny, reference ops
+
+Ours runs as the trainer does: a packed row of several documents (`--docs`), the fast ops, and
+one of these precisions (`--ours`, "precision:checkpointing[:compile]"):
+
+- `fp32m`  float32 master parameters and AdamW state, bf16 compute under torch.autocast (the
+           trainer's default); A_log and the GDN norm weight are float32 either way.
+- `bf16`   bf16 parameters, gradients and AdamW state (A_log and the GDN norm weight stay float32).
+
+checkpointing: `none`, `selective` (keep matmul and attention outputs, recompute the rest) or
+`full` (one layer input kept, the layer rerun in backward); see `qwen35.parallel.compile`.
+
+The peer runs as DESIGN §7 measured it: transformers' `Qwen3_5ForCausalLM`, bf16 weights, sdpa,
+fla's GDN kernel (picked up by transformers when importable), Liger's kernels
+(`apply_liger_kernel_to_qwen3_5`: RMSNorm, SwiGLU, fused linear cross-entropy), AdamW, one row
+holding the same tokens as one sequence (transformers' GDN path cannot keep packed documents
+apart), optionally with gradient checkpointing (`--peer-ac`).
+
+MFU is model FLOPs (recomputation not counted) per second against 989 TFLOP/s (H100 bf16 dense):
+    6 * N_nonembedding * T                           every weight matmul, forward and backward
+  + 6 * V * H * T                                    lm_head (counted even when tied)
+  + n_attn * 6 * H_q * D * sum_d L_d (L_d + 1)       causal softmax attention per document d
+  + n_gdn * 3 * T * Hv * (6 Dk Dv + 2 C (3 Dk + 2 Dv))   chunked gated delta rule, chunk C = 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset  # noqa: E402
+from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers  # noqa: E402
+
+H100_BF16_TFLOPS = 989.0
+GDN_CHUNK = 64
+
+
+# --- workload -------------------------------------------------------------------------------
+
+
+def document_lengths(total: int, docs: int) -> list[int]:
+    """`docs` documents filling `total` tokens, uneven and (mostly) not multiples of 64."""
+    if docs <= 1:
+        return [total]
+    weights = [1.0 + 0.6 * math.sin(1.7 * i + 0.4) for i in range(docs)]
+    lengths = [max(1, int(total * w / sum(weights))) | 1 for w in weights[:-1]]
+    return lengths + [total - sum(lengths)]
+
+
+def packed_batch(vocab: int, lengths: list[int], device) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, vocab, (1, sum(lengths)), device=device, generator=gen)
+    cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+    return {"input_ids": ids, "labels": ids, "cu_seqlens": cu if len(lengths) > 1 else None}
+
+
+def model_flops(config: Qwen35Config, nonembedding_params: int, lengths: list[int]) -> float:
+    tokens = sum(lengths)
+    n_attn = config.layer_types.count("full_attention")
+    n_gdn = config.layer_types.count("linear_attention")
+    dk, dv, hv = config.linear_key_head_dim, config.linear_value_head_dim, config.linear_num_value_heads
+    dense = 6 * nonembedding_params * tokens + 6 * config.vocab_size * config.hidden_size * tokens
+    attention = n_attn * 6 * config.num_attention_heads * config.head_dim * sum(n * (n + 1) for n in lengths)
+    gdn = n_gdn * 3 * tokens * hv * (6 * dk * dv + 2 * GDN_CHUNK * (3 * dk + 2 * dv))
+    return float(dense + attention + gdn)
+
+
+def nonembedding(model: torch.nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    system: str  # "ours" or "peer"
+    variant: str  # precision / checkpointing / liger
+    preset: str
+    seq_len: int
+    docs: int
+    status: str = "ok"  # "ok", "OOM", or an error
+    step_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+    peak_gib: float = 0.0
+    gdn_ms: float | None = None  # the GDN op alone, all GDN layers of one step (fwd + bwd)
+    steps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _cleanup():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_steps(step, steps: int, warmup: int, device) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / max(steps, 1)
+
+
+PROFILE = False  # --profile: one profiled step per configuration, its GPU time by kernel family
+
+_FAMILIES = {  # substring of a kernel name -> family (first match wins)
+    "flash": "attention", "fmha": "attention", "attn": "attention",
+    "chunk": "gdn", "wy": "gdn", "solve_tril": "gdn", "l2norm": "gdn", "gdn": "gdn", "merge_16x16": "gdn",
+    "causal_conv1d": "conv", "layer_norm_gated": "gated norm",
+    "liger_cross_entropy": "cross-entropy", "cross_entropy": "cross-entropy",
+    "gemm": "matmul", "nvjet": "matmul", "cutlass": "matmul", "sm90_xmma": "matmul", "cublas": "matmul",
+    "adam": "optimizer", "multi_tensor": "optimizer",
+}
+
+
+def _profile(step, label: str, device) -> None:
+    """GPU busy time of one step and its split by kernel family: is the step GPU- or CPU-bound?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        wall = time.perf_counter() - start
+    families: dict[str, float] = {}
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in kernels:
+        family = next((f for key, f in _FAMILIES.items() if key in e.key.lower()), "other")
+        families[family] = families.get(family, 0.0) + e.self_device_time_total / 1e3
+    busy = sum(families.values())
+    split = ", ".join(f"{k} {v:.0f}" for k, v in sorted(families.items(), key=lambda kv: -kv[1]))
+    print(f"[profile] {label}: wall {wall * 1e3:.0f} ms (profiled), GPU busy {busy:.0f} ms: {split}", flush=True)
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+    for e in top:
+        print(f"[profile]   {e.self_device_time_total / 1e3:7.1f} ms  x{e.count:<4} {e.key[:90]}", flush=True)
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+
+
+def _guarded(result: Result, run) -> Result:
+    try:
+        run(result)
+    except torch.OutOfMemoryError:
+        result.status = "OOM"
+    except Exception as e:  # a failing configuration must not end the table
+        result.status = f"error: {type(e).__name__}: {str(e)[:200]}"
+    finally:
+        _cleanup()
+    return result
+
+
+# --- ours -----------------------------------------------------------------------------------
+
+
+def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
+    precision, ac, *rest = variant.split(":")
+    result = Result("ours", variant, name, sum(lengths), len(lengths), steps=steps)
+
+    def run(result):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model = Qwen35ForCausalLM.from_config(config, device=device, dtype=dtype)
+        apply_activation_checkpointing(model, ac)
+        if "compile" in rest:
+            compile_layers(model)
+        fused = device.type == "cuda"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=fused or None)
+        batch = packed_batch(config.vocab_size, lengths, device)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "fp32m"
+                    else contextlib.nullcontext())
+
+        def step():
+            with autocast:
+                out = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], labels=batch["labels"])
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = _timed_steps(step, steps, warmup, device)
+        _fill(result, seconds, model_flops(config, nonembedding(model), lengths), device)
+        if PROFILE and device.type == "cuda":
+            _profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs", device)
+
+    return _guarded(result, run)
+
+
+def _fill(result: Result, seconds: float, flops: float, device) -> None:
+    result.step_ms = seconds * 1e3
+    result.tokens_per_s = result.seq_len / seconds
+    result.mfu = flops / seconds / (H100_BF16_TFLOPS * 1e12)
+    result.peak_gib = _peak_gib(device)
+
+
+# --- the peer: transformers + fla + Liger ---------------------------------------------------
+
+
+def build_peer(config: Qwen35Config, device, liger: bool):
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    hf_config = Qwen3_5TextConfig(**config.to_hf_dict())
+    hf_config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Qwen3_5ForCausalLM(hf_config)
+    finally:
+        torch.set_default_dtype(default)
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3_5
+
+        apply_liger_kernel_to_qwen3_5(model=model)
+    return model.train()
+
+
+def run_peer(config, name, variant, length, steps, warmup, device) -> Result:
+    """variant: "liger:none", "liger:full", "fla:none" (no Liger) ..."""
+    kernels, ac = variant.split(":")
+    result = Result("peer", variant, name, length, 1, steps=steps)
+
+    def run(result):
+        model = build_peer(config, device, liger=kernels == "liger")
+        if ac != "none":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+        ids = packed_batch(config.vocab_size, [length], device)["input_ids"]
+
+        def step():
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = _timed_steps(step, steps, warmup, device)
+        _fill(result, seconds, model_flops(config, nonembedding(model), [length]), device)
+        if PROFILE and device.type == "cuda":
+            _profile(step, f"peer {variant} {name} {length}", device)
+
+    return _guarded(result, run)
+
+
+# --- kernels alone --------------------------------------------------------------------------
+
+
+def gdn_step_ms(config: Qwen35Config, lengths: list[int], device, repeats: int = 5) -> float:
+    """The fast GDN op alone, forward + backward, times the GDN layers of one step."""
+    tokens = sum(lengths)
+    hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
+    dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+    kw = dict(device=device, dtype=torch.bfloat16, requires_grad=True)
+    q, k = torch.randn(1, tokens, hk, dk, **kw), torch.randn(1, tokens, hk, dk, **kw)
+    v = torch.randn(1, tokens, hv, dv, **kw)
+    beta = torch.rand(1, tokens, hv, **kw)
+    g = (-torch.rand(1, tokens, hv, device=device)).requires_grad_()
+    cu = packed_batch(8, lengths, device)["cu_seqlens"]
+    do = torch.randn(1, tokens, hv, dv, device=device, dtype=torch.bfloat16)
+
+    def once():
+        o, _ = ops.gated_delta_rule(q, k, v, g, beta, cu)
+        torch.autograd.grad(o, (q, k, v, g, beta), do)
+
+    seconds = _timed_steps(once, repeats, 2, device)
+    return seconds * 1e3 * config.layer_types.count("linear_attention")
+
+
+def cross_entropy_bench(config: Qwen35Config, tokens: int, device, repeats: int = 5) -> list[dict]:
+    """Ours (fused, Liger's CE kernel, our chunking) vs Liger's fused linear CE vs the chunked torch
+    reference: fp32 hidden and weight under bf16 autocast, as in the trainer; fwd + bwd."""
+    from qwen35.ops import cross_entropy, fast
+
+    rows = []
+    candidates = {"ours fused (2048-token chunks)": fast.linear_cross_entropy,
+                  "torch chunked + checkpoint (reference)": cross_entropy.linear_cross_entropy}
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        candidates["Liger fused linear CE"] = lambda h, w, t: liger_fused_linear_cross_entropy(h, w, t, reduction="sum")
+    except ImportError:
+        pass
+    for label, fn in candidates.items():
+        _cleanup()
+        hidden = torch.randn(tokens, config.hidden_size, device=device, requires_grad=True)
+        weight = (torch.randn(config.vocab_size, config.hidden_size, device=device) * 0.02).requires_grad_()
+        targets = torch.randint(0, config.vocab_size, (tokens,), device=device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+
+        def once():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fn(hidden, weight, targets)
+            loss.backward()
+            hidden.grad = weight.grad = None
+
+        try:
+            ms = _timed_steps(once, repeats, 1, device) * 1e3
+            rows.append({"loss": label, "ms": ms, "extra_peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30})
+        except torch.OutOfMemoryError:
+            rows.append({"loss": label, "ms": float("nan"), "extra_peak_gib": float("nan"), "status": "OOM"})
+        del hidden, weight, targets
+    _cleanup()
+    return rows
+
+
+def dump_fla_configs(directory: Path) -> int:
+    """Writes the configs fla's autotuner chose in this process as fla config files
+    (`{kernel}.json`, the format `FLA_CONFIG_DIR` + `FLA_CACHE_MODE=fuzzy` read). A later process
+    on the same GPU model then skips autotuning, which costs minutes on a fresh machine. Launch
+    configs only: the numbers are the same whichever config runs."""
+    from fla.ops.utils.cache import AutotuneKey, CachedAutotuner
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for tuner in [o for o in gc.get_objects() if type(o) is CachedAutotuner]:
+        if not tuner.cache:
+            continue
+        path = directory / f"{tuner.kernel_name}.json"
+        data = json.loads(path.read_text()) if path.exists() else {
+            "kernel_name": tuner.kernel_name, "triton_version": None, "autotune_entries": {}}
+        for key, cfg in tuner.cache.items():
+            data["autotune_entries"][AutotuneKey.key_hash(key)] = {
+                "autotune_key": AutotuneKey.normalize_autotune_key(list(key)),
+                "config": {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                           "num_ctas": getattr(cfg, "num_ctas", 1), "maxnreg": getattr(cfg, "maxnreg", None)},
+            }
+        path.write_text(json.dumps(data, indent=1, default=str))
+        written += 1
+    return written
+
+
+# --- longest context ------------------------------------------------------------------------
+
+
+def max_context(config, name, lengths_to_try, device, ours_variant, peer_variant, run_peer_too) -> list[Result]:
+    """Tries one document of each length (ascending) until the first OOM, for ours and the peer.
+    One step per length, no warm-up: the timing is indicative only."""
+    results = []
+    systems = [("ours", ours_variant)] + ([("peer", peer_variant)] if run_peer_too else [])
+    for system, variant in systems:
+        for length in lengths_to_try:
+            if system == "ours":
+                r = run_ours(config, name, variant, [length], 1, 0, device)
+            else:
+                r = run_peer(config, name, variant, length, 1, 0, device)
+            r.notes.append("max-context trial")
+            results.append(r)
+            print_row(r, flush=True)
+            if r.status != "ok":
+                break
+    return results
+
+
+# --- table ----------------------------------------------------------------------------------
+
+HEADER = ("| system | variant | preset | seq | docs | tokens/s | step ms | MFU | peak GiB | GDN ms (share) | vs peer |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: Result, peer_tps: float | None = None) -> str:
+    if r.status != "ok":
+        return f"| {r.system} | {r.variant} | {r.preset} | {r.seq_len} | {r.docs} | {r.status} | | | | | |"
+    gdn = "" if r.gdn_ms is None else f"{r.gdn_ms:.0f} ({100 * r.gdn_ms / r.step_ms:.0f}%)"
+    ratio = f"{r.tokens_per_s / peer_tps:.2f}x" if peer_tps and r.system == "ours" else ""
+    return (f"| {r.system} | {r.variant} | {r.preset} | {r.seq_len} | {r.docs} | {r.tokens_per_s:,.0f} | "
+            f"{r.step_ms:.0f} | {100 * r.mfu:.1f}% | {r.peak_gib:.1f} | {gdn} | {ratio} |")
+
+
+def print_row(r: Result, flush=True) -> None:
+    print(format_row(r), flush=flush)
+
+
+def final_table(results: list[Result], peer_reference: str) -> str:
+    peers = {(r.preset, r.seq_len): r.tokens_per_s for r in results
+             if r.system == "peer" and r.variant == peer_reference and r.status == "ok" and not r.notes}
+    lines = [HEADER] + [format_row(r, None if r.notes else peers.get((r.preset, r.seq_len))) for r in results]
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def smoke_config(name: str) -> Qwen35Config:
+    return preset(name, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                  linear_key_head_dim=16, linear_value_head_dim=16, vocab_size=1000, eos_token_id=1)
+
+
+def main(argv=None) -> list[Result]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["0.8B", "2B"])
+    p.add_argument("--seq-lens", nargs="+", type=int, default=[8192])
+    p.add_argument("--docs", nargs="+", type=int, default=[4], help="documents per packed row (ours)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--ours", nargs="+", default=["fp32m:none", "fp32m:selective", "fp32m:full", "bf16:none"])
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--peer-variants", nargs="+", default=["liger:none"])
+    p.add_argument("--peer-reference", default="liger:none", help="the peer variant the ratio divides by")
+    p.add_argument("--gdn", action=argparse.BooleanOptionalAction, default=True, help="time the GDN op alone")
+    p.add_argument("--ce-bench", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--max-context", action="store_true", help="longest single-document row (0.8B)")
+    p.add_argument("--max-context-lens", nargs="+", type=int, default=[65536, 131072, 196608, 262144, 393216])
+    p.add_argument("--max-context-ours", default="fp32m:full")
+    p.add_argument("--max-context-peer", default="liger:full")
+    p.add_argument("--only-max-context", action="store_true")
+    p.add_argument("--profile", action="store_true", help="profile one step of every configuration")
+    p.add_argument("--dump-fla-configs", type=Path, help="write fla's autotuned configs here after each run")
+    p.add_argument("--fla-configs", type=Path,
+                   help="skip fla's autotuning: use the configs in this directory (e.g. "
+                        "benchmarks/fla_configs/NVIDIA_H100_80GB_HBM3, written by --dump-fla-configs)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, reference ops, no Liger")
+    args = p.parse_args(argv)
+
+    global PROFILE
+    PROFILE = args.profile
+    if args.fla_configs is not None:  # read by fla at import, so before the fast ops load
+        os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")
+        os.environ["FLA_CONFIG_DIR"] = str(args.fla_configs.resolve())
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if args.smoke:
+        ops.use_backend("reference")
+        args.peer_variants = [v.replace("liger", "fla") for v in args.peer_variants]
+        args.peer_reference = args.peer_reference.replace("liger", "fla")
+        args.max_context_peer = args.max_context_peer.replace("liger", "fla")
+    else:
+        ops.use_backend("fast")
+        from qwen35.envcheck import describe, probe
+
+        print("environment:", describe(probe()))
+    print("command:", " ".join(sys.argv), flush=True)
+    print(HEADER, flush=True)
+    results: list[Result] = []
+    ce_rows = []
+
+    def record(r: Result) -> None:
+        results.append(r)
+        print_row(r)
+        if args.dump_fla_configs is not None and not args.smoke:
+            try:
+                print(f"[fla configs] {dump_fla_configs(args.dump_fla_configs)} kernels written", flush=True)
+            except Exception as e:
+                print(f"[fla configs] not written: {type(e).__name__}: {e}", flush=True)
+    for name in args.presets:
+        config = smoke_config(name) if args.smoke else preset(name)
+        if args.only_max_context:
+            break
+        for seq_len in args.seq_lens:
+            for docs in args.docs:
+                lengths = document_lengths(seq_len, docs)
+                gdn = None
+                if args.gdn and not args.smoke:
+                    with contextlib.suppress(torch.OutOfMemoryError):
+                        gdn = gdn_step_ms(config, lengths, device)
+                    _cleanup()
+                for variant in args.ours:
+                    r = run_ours(config, name, variant, lengths, args.steps, args.warmup, device)
+                    r.gdn_ms = gdn if r.status == "ok" else None
+                    record(r)
+            if args.peer:
+                for variant in args.peer_variants:
+                    r = run_peer(config, name, variant, seq_len, args.steps, args.warmup, device)
+                    record(r)
+            if args.ce_bench and not args.smoke:
+                ce_rows.append({"preset": name, "tokens": seq_len, "rows": cross_entropy_bench(config, seq_len, device)})
+                print(json.dumps(ce_rows[-1]), flush=True)
+    if args.max_context:
+        name = "0.8B"
+        config = smoke_config(name) if args.smoke else preset(name)
+        results += max_context(config, name, args.max_context_lens, device, args.max_context_ours,
+                               args.max_context_peer, args.peer)
+
+    print("\n" + final_table(results, args.peer_reference), flush=True)
+    for block in ce_rows:
+        print(f"\ncross-entropy fwd+bwd, {block['preset']} ({block['tokens']} tokens):")
+        for row in block["rows"]:
+            print(f"  {row['loss']:<42} {row['ms']:8.1f} ms   +{row['extra_peak_gib']:.2f} GiB peak")
+    if args.json:
+        args.json.write_text(json.dumps({"results": [asdict(r) for r in results], "cross_entropy": ce_rows}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
