@@ -82,13 +82,43 @@ def ours_from_hf(hf_model, tmp_path, dtype=None) -> Qwen35ForCausalLM:
     return Qwen35ForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
-def tiny_model_dir(directory, name: str = "tied_interval2_gva2", seed: int = 0):
+def tiny_model_dir(directory, name: str = "tied_interval2_gva2", seed: int = 0, moe: bool = False):
     """A complete model directory, as downloaded from a hub but tiny: transformers-saved weights,
     config.json and the project's small tokenizer with its chat template."""
     from qwen35.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(directory)
-    model = hf_text_model(name, seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = hf_moe_model(seed, **ids) if moe else hf_text_model(name, seed, **ids)
     model.save_pretrained(directory)
     return directory
+
+
+def hf_moe_model(seed: int = 0, **overrides):
+    """A tiny transformers Qwen3_5MoeForCausalLM: 4 experts, top 2, a shared expert."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    torch.manual_seed(seed)
+    args = tiny_text_config("tied_interval2_gva2").to_dict()
+    args = {k: v for k, v in args.items() if k in Qwen3_5MoeTextConfig.__dataclass_fields__}
+    args.update(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                shared_expert_intermediate_size=24, router_aux_loss_coef=0.01, output_router_logits=True)
+    args.update(overrides)
+    for key in ("intermediate_size", "model_type"):
+        args.pop(key, None)
+    config = Qwen3_5MoeTextConfig(**args)
+    config._attn_implementation = "eager"
+    model = Qwen3_5MoeForCausalLM(config).float().eval()
+    perturb_norms(model, seed)
+    return model
+
+
+def read_safetensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in `directory`."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -14,6 +14,7 @@ norm weight in float32 and the rest in bf16; we export each tensor in its stored
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,13 +72,41 @@ def _open(path: Path):
         raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated?") from None
 
 
-def _model_key(checkpoint_key: str, vision_language: bool) -> str | None:
-    """Our parameter name for a checkpoint key, or None for a carried (vision, MTP) tensor."""
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _model_piece(checkpoint_key: str, vision_language: bool, config: Qwen35Config):
+    """(our parameter name, where the stored tensor sits in it), or None for a carried tensor.
+
+    Most tensors are a whole parameter (index `()`). MoE checkpoints store each routed expert's
+    projections apart (some writers store the fused 3-D tensors, which load as they are); in memory they are fused per layer: `experts.{e}.gate_proj` is
+    `experts.gate_up_proj[e, :I]`, `up_proj` is `[e, I:]`, `down_proj` is `experts.down_proj[e]`.
+    """
     if checkpoint_key.startswith(CARRIED_PREFIXES):
         return None
-    if vision_language and checkpoint_key.startswith(VL_TEXT_PREFIX):
-        return "model." + checkpoint_key[len(VL_TEXT_PREFIX):]
-    return checkpoint_key
+    name = checkpoint_key
+    if vision_language and name.startswith(VL_TEXT_PREFIX):
+        name = "model." + name[len(VL_TEXT_PREFIX):]
+    expert = _EXPERT_KEY.match(name)
+    if expert is None:
+        return name, ()
+    prefix, e, part = expert.group(1), int(expert.group(2)), expert.group(3)
+    inner = config.moe_intermediate_size
+    if part == "down_proj":
+        return f"{prefix}.down_proj", (e,)
+    rows = slice(0, inner) if part == "gate_proj" else slice(inner, 2 * inner)
+    return f"{prefix}.gate_up_proj", (e, rows)
+
+
+def _complete(pieces: list, needed: int) -> bool:
+    """All of a parameter is stored: as one tensor, or as all its per-expert pieces."""
+    return len(pieces) == needed or (len(pieces) == 1 and pieces[0][2] == ())
+
+
+def _pieces_per_parameter(name: str, config: Qwen35Config) -> int:
+    if name.endswith(".experts.gate_up_proj"):
+        return 2 * config.num_experts
+    return config.num_experts if name.endswith(".experts.down_proj") else 1
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -101,25 +130,25 @@ def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=Non
     with torch.device("meta"):
         model = cls(config)
     expected = dict(model.named_parameters())  # tied weights appear once
-    sources: dict[str, tuple[str, str]] = {}  # our name -> (file, checkpoint key)
+    sources: dict[str, list[tuple[str, str, tuple]]] = {}  # our name -> [(file, key, index)]
     unexpected, wrong_shapes = [], []
     for key, file in files.items():
-        name = _model_key(key, vision_language)
-        if name is None:
+        piece = _model_piece(key, vision_language, config)
+        if piece is None:
             origin.carried[key] = file
-        elif name in expected:
-            sources[name] = (file, key)
-        elif not (name == "lm_head.weight" and config.tie_word_embeddings):
+        elif piece[0] in expected:
+            sources.setdefault(piece[0], []).append((file, key, piece[1]))
+        elif not (piece[0] == "lm_head.weight" and config.tie_word_embeddings):
             unexpected.append(key)
-    for file in sorted({f for f, _ in sources.values()}):
+    for file in sorted(files_of(sources)):
         with _open(model_dir / file) as f:
-            for name, (_, key) in ((n, s) for n, s in sources.items() if s[0] == file):
+            for name, key, index in pieces_in(sources, file):
                 stored = f.get_slice(key)
-                shape = tuple(stored.get_shape())
-                if shape != tuple(expected[name].shape):
-                    wrong_shapes.append(f"{key}: checkpoint {shape}, model {tuple(expected[name].shape)}")
+                shape, want = tuple(stored.get_shape()), tuple(expected[name][index].shape)
+                if shape != want:
+                    wrong_shapes.append(f"{key}: checkpoint {shape}, model {want}")
                 origin.stored_dtypes[name] = _SAFETENSORS_DTYPES.get(stored.get_dtype(), torch.float32)
-    missing = sorted(set(expected) - set(sources))
+    missing = sorted(n for n in expected if not _complete(sources.get(n, []), _pieces_per_parameter(n, config)))
     if missing or unexpected or wrong_shapes:
         lines = [f"checkpoint {model_dir} does not match the model built from its config.json:"]
         for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("wrong shape", wrong_shapes)):
@@ -135,12 +164,12 @@ def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=Non
         parallelize(model)
     model.to_empty(device=device or "cpu")
     model.tie_weights()
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for file in sorted({f for f, _ in sources.values()}):
+        for file in sorted(files_of(sources)):
             with _open(model_dir / file) as f:
-                for name, param in model.named_parameters():
-                    if sources[name][0] == file:
-                        _fill(param, f.get_slice(sources[name][1]))
+                for name, key, index in pieces_in(sources, file):
+                    _fill(params[name], index, f.get_slice(key))
     model.origin = origin
     if origin.carried and (not dist.is_initialized() or dist.get_rank() == 0):
         kinds = sorted({k.split(".")[1] if k.startswith("model.") else k.split(".")[0] for k in origin.carried})
@@ -149,15 +178,32 @@ def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=Non
     return model
 
 
-def _fill(param: torch.Tensor, stored) -> None:
-    """Copies the part of a stored tensor that this rank holds (all of it when not sharded)."""
-    if isinstance(param, DTensor):
-        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-        local = param.to_local()
-        if local.numel():
-            local.copy_(stored[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
-    else:
-        param.copy_(stored[:])
+def files_of(sources) -> set[str]:
+    return {file for pieces in sources.values() for file, _, _ in pieces}
+
+
+def pieces_in(sources, file: str):
+    return [(name, key, index) for name, pieces in sources.items() for f, key, index in pieces if f == file]
+
+
+def _fill(param: torch.Tensor, index: tuple, stored) -> None:
+    """Copies the part of a stored tensor that this rank holds (all of it when not sharded).
+
+    `index` places the stored tensor inside the parameter (`()`: all of it; `(e, ...)`: expert
+    e). FSDP shards dimension 0, so an expert's piece is either wholly on this rank or not.
+    """
+    if not isinstance(param, DTensor):
+        param[index].copy_(stored[:])
+        return
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    local = param.to_local()
+    if not local.numel():
+        return
+    if index == ():
+        local.copy_(stored[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+    elif offset[0] <= index[0] < offset[0] + shape[0]:
+        assert not any(offset[1:]), "expert parameters are sharded along the expert dimension only"
+        local[(index[0] - offset[0], *index[1:])].copy_(stored[:])
 
 
 def _export_tensors(model) -> dict[str, torch.Tensor]:
@@ -171,8 +217,24 @@ def _export_tensors(model) -> dict[str, torch.Tensor]:
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         key = VL_TEXT_PREFIX + name[len("model."):] if prefix_vl and name.startswith("model.") else name
-        out[key] = param.detach().to(device="cpu", dtype=stored.get(name, param.dtype)).contiguous()
+        tensor = param.detach().to(device="cpu", dtype=stored.get(name, param.dtype))
+        out.update(_split_experts(key, tensor))
     return out
+
+
+def _split_experts(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fused routed experts back into transformers' per-expert tensors; others as they are."""
+    if key.endswith(".experts.gate_up_proj"):
+        prefix, inner = key[: -len(".gate_up_proj")], tensor.shape[1] // 2
+        out = {}
+        for e in range(tensor.shape[0]):
+            out[f"{prefix}.{e}.gate_proj.weight"] = tensor[e, :inner].contiguous()
+            out[f"{prefix}.{e}.up_proj.weight"] = tensor[e, inner:].contiguous()
+        return out
+    if key.endswith(".experts.down_proj"):
+        prefix = key[: -len(".down_proj")]
+        return {f"{prefix}.{e}.down_proj.weight": tensor[e].contiguous() for e in range(tensor.shape[0])}
+    return {key: tensor.contiguous()}
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5")
+TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe")
 
 
 @dataclass
@@ -40,6 +40,12 @@ class Qwen35Config:
     linear_value_head_dim: int = 128
     linear_num_key_heads: int = 16
     linear_num_value_heads: int = 32
+    # Mixture of experts (35B-A3B, 122B-A10B); 0 experts: every layer has the dense SwiGLU MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 512
+    shared_expert_intermediate_size: int = 512
+    router_aux_loss_coef: float = 0.001
     # "full_attention" or "linear_attention" per layer; derived from `full_attention_interval`
     # when config.json does not list them.
     layer_types: list[str] = field(default_factory=list)
@@ -81,7 +87,7 @@ class Qwen35Config:
         model_type = raw.get("model_type")
         if model_type not in TEXT_MODEL_TYPES:
             raise ValueError(
-                f"{source}: model_type {model_type!r} is not a Qwen3.5 dense model "
+                f"{source}: model_type {model_type!r} is not a Qwen3.5 model "
                 f"(expected one of {', '.join(TEXT_MODEL_TYPES)})"
             )
         text = dict(raw["text_config"]) if "text_config" in raw else dict(raw)
@@ -105,6 +111,10 @@ class Qwen35Config:
         """The text-only config.json that transformers' `Qwen3_5ForCausalLM` reads."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in _ROPE_FIELDS}
         out.pop("full_attention_interval")
+        moe_fields = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                      "shared_expert_intermediate_size", "router_aux_loss_coef")
+        for key in moe_fields if not self.num_experts else ("intermediate_size",):
+            out.pop(key)
         out["rope_parameters"] = {
             "rope_type": "default",
             "rope_theta": self.rope_theta,
@@ -113,8 +123,8 @@ class Qwen35Config:
             "mrope_interleaved": True,
         }
         out.update(
-            model_type="qwen3_5_text",
-            architectures=["Qwen3_5ForCausalLM"],
+            model_type="qwen3_5_moe_text" if self.num_experts else "qwen3_5_text",
+            architectures=["Qwen3_5MoeForCausalLM" if self.num_experts else "Qwen3_5ForCausalLM"],
             hidden_act="silu",
             attention_bias=False,
             attention_dropout=0.0,
@@ -150,7 +160,10 @@ _SIZES = {
     "4B": (2560, 32, 16, 4, 9216, 32, True),
     "9B": (4096, 32, 16, 4, 12288, 32, False),
     "27B": (5120, 64, 24, 4, 17408, 48, False),
+    "35B-A3B": (2048, 40, 16, 2, 0, 32, False),  # MoE: 256 experts, top 8, expert and shared dim 512
 }
+_MOE = {"35B-A3B": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                        shared_expert_intermediate_size=512)}
 PRESETS = tuple(_SIZES)
 
 
@@ -167,6 +180,7 @@ def preset(name: str, **overrides: Any) -> Qwen35Config:
         linear_num_value_heads=v_heads,
         tie_word_embeddings=tied,
         eos_token_id=248046,
+        **_MOE.get(name, {}),
     )
     args.update(overrides)
     return Qwen35Config(**args)

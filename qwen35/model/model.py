@@ -18,6 +18,7 @@ from qwen35 import ops
 from qwen35.model.cache import InferenceCache
 from qwen35.model.config import Qwen35Config
 from qwen35.model.gated_delta import GatedDeltaNet, GatedRMSNorm
+from qwen35.model.moe import Experts, Router, SparseMoeBlock, load_balancing_loss
 from qwen35.ops.segments import document_starts, positions_in_documents
 
 IGNORE_INDEX = -100
@@ -133,18 +134,26 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(config)
         else:
             self.self_attn = GatedAttention(config)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.is_moe = config.num_experts > 0
+        self.mlp = SparseMoeBlock(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rotary, cu_seqlens=None, cache=None, cache_slots=None, cache_lengths=None):
+    def forward(self, x, rotary, cu_seqlens=None, cache=None, cache_slots=None, cache_lengths=None,
+                router_logits: list | None = None):
+        """`router_logits`, when given, collects an MoE layer's router logits."""
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             h = self.linear_attn(h, cu_seqlens, cache)
         else:
             h = self.self_attn(h, rotary, cu_seqlens, cache, cache_slots, cache_lengths)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.is_moe:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        h, logits = self.mlp(self.post_attention_layernorm(x))
+        if router_logits is not None:
+            router_logits.append(logits)
+        return x + h
 
 
 class Qwen35Model(nn.Module):
@@ -155,7 +164,8 @@ class Qwen35Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, kind) for kind in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache: InferenceCache | None = None):
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache: InferenceCache | None = None,
+                router_logits: list | None = None):
         batch, length = input_ids.shape
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"a packed row (cu_seqlens) must be passed as a batch of one, got batch {batch}")
@@ -174,7 +184,7 @@ class Qwen35Model(nn.Module):
         lengths_after = None if cache is None else cache.lengths + length
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x = layer(x, rotary, cu_seqlens, layer_cache, slots, lengths_after)
+            x = layer(x, rotary, cu_seqlens, layer_cache, slots, lengths_after, router_logits)
         if cache is not None:
             cache.advance(length, cu_seqlens)
         return self.norm(x)
@@ -195,6 +205,7 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None  # mean over the loss tokens
     loss_sum: torch.Tensor | None = None
     num_loss_tokens: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # MoE load balancing, unscaled; `loss` includes coef * aux
 
 
 class Qwen35ForCausalLM(nn.Module):
@@ -216,13 +227,18 @@ class Qwen35ForCausalLM(nn.Module):
 
         In a packed row a document's first token is never a target of the token before it.
         """
-        hidden = self.model(input_ids, position_ids, cu_seqlens, cache)
+        router_logits = [] if self.config.num_experts and labels is not None else None
+        hidden = self.model(input_ids, position_ids, cu_seqlens, cache, router_logits)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden))
         targets = next_token_targets(labels, cu_seqlens)
         loss_sum = ops.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
         count = (targets != IGNORE_INDEX).sum()
-        return CausalLMOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_loss_tokens=count)
+        out = CausalLMOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_loss_tokens=count)
+        if router_logits:
+            out.aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok)
+            out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+        return out
 
     # --- construction ---------------------------------------------------------------------
 
@@ -233,8 +249,11 @@ class Qwen35ForCausalLM(nn.Module):
         for module in self.modules():
             if module is self.lm_head and self.config.tie_word_embeddings:
                 continue  # drawn as the embedding
-            if isinstance(module, (nn.Linear, nn.Conv1d)):
+            if isinstance(module, (nn.Linear, nn.Conv1d, Router)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(module.down_proj, mean=0.0, std=std)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if module.padding_idx is not None:

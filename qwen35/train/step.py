@@ -36,6 +36,9 @@ def forward_backward(
                     else contextlib.nullcontext())
         with autocast:
             out = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"), labels=batch["labels"])
-        (out.loss_sum / count).backward()
+        loss = out.loss_sum / count
+        if out.aux_loss is not None:  # MoE load balancing: a per-micro-batch mean, averaged over the step
+            loss = loss + model.config.router_aux_loss_coef * out.aux_loss / len(micro_batches)
+        loss.backward()
         total = total + out.loss_sum.detach()
     return global_count(total) / count, count

@@ -4,20 +4,13 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import Qwen3_5ForCausalLM
 
-from reference import hf_text_model, hf_vl_model, ours_from_hf
+from reference import read_safetensors, hf_text_model, hf_vl_model, ours_from_hf
 from qwen35 import Qwen35ForCausalLM
 from qwen35.checkpoint.hf import CheckpointError
 
 
-def _tensors(directory):
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _bitwise_equal(a, b):
@@ -30,7 +23,7 @@ def test_save_load_save_gives_identical_tensors_and_shards(tmp_path):
     assert (tmp_path / "a" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "a").glob("*.safetensors"))) > 1
     Qwen35ForCausalLM.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b", max_shard_bytes=20_000)
-    first, second = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    first, second = read_safetensors(tmp_path / "a"), read_safetensors(tmp_path / "b")
     assert first.keys() == second.keys()
     assert all(_bitwise_equal(first[k], second[k]) for k in first)
 
@@ -47,7 +40,7 @@ def test_our_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path):
 def test_vl_checkpoint_loads_and_carries_vision_and_mtp_weights_bit_identical(tmp_path, capsys):
     vl = hf_vl_model()
     vl.save_pretrained(tmp_path / "vl")
-    source = _tensors(tmp_path / "vl")
+    source = read_safetensors(tmp_path / "vl")
     source["mtp.fc.weight"] = torch.randn(8, 8)  # official checkpoints also carry MTP weights
     from safetensors.torch import save_file
     save_file(source, str(tmp_path / "vl" / "model.safetensors"), metadata={"format": "pt"})
@@ -59,7 +52,7 @@ def test_vl_checkpoint_loads_and_carries_vision_and_mtp_weights_bit_identical(tm
         expected = vl.model.language_model(ids).last_hidden_state
         assert (ours.model(ids) - expected).abs().max().item() <= 1e-5
     ours.save_pretrained(tmp_path / "out")
-    saved = _tensors(tmp_path / "out")
+    saved = read_safetensors(tmp_path / "out")
     assert saved.keys() == source.keys()
     assert all(_bitwise_equal(saved[k], source[k]) for k in source)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -80,8 +73,8 @@ def test_fp32_tensors_stay_fp32_in_memory_and_on_disk(tmp_path):
     assert params["model.layers.0.linear_attn.in_proj_qkv.weight"].dtype == torch.bfloat16
     model.to_compute_dtype(torch.float32)  # e.g. fp32 master weights during training
     model.save_pretrained(tmp_path / "out")
-    saved = _tensors(tmp_path / "out")
-    source = _tensors(tmp_path / "mixed")
+    saved = read_safetensors(tmp_path / "out")
+    source = read_safetensors(tmp_path / "mixed")
     for key, tensor in source.items():
         assert saved[key].dtype == tensor.dtype, key
     assert _bitwise_equal(saved["model.layers.0.linear_attn.A_log"], source["model.layers.0.linear_attn.A_log"])
@@ -108,7 +101,7 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
 
 def test_wrong_shapes_and_missing_keys_are_listed_in_one_error(tmp_path):
     hf_text_model().save_pretrained(tmp_path)
-    tensors = _tensors(tmp_path)
+    tensors = read_safetensors(tmp_path)
     tensors["model.norm.weight"] = torch.zeros(5)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.layers.0.extra.weight"] = torch.zeros(1)

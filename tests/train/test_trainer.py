@@ -12,10 +12,10 @@ from qwen35.train.config import load_run_config
 from qwen35.train.trainer import train
 
 
-def run_config(tmp_path, *flags):
+def run_config(tmp_path, *flags, moe=False):
     model_dir = tmp_path / "model"
     if not model_dir.exists():
-        tiny_model_dir(model_dir)
+        tiny_model_dir(model_dir, moe=moe)
         build_task(tmp_path / "task", n_train=240, n_val=16)
     base = ["--model.path", str(model_dir), "--data.train_path", str(tmp_path / "task" / "train.jsonl"),
             "--data.val_path", str(tmp_path / "task" / "val.jsonl"), "--data.seq_len", "128",
@@ -67,3 +67,14 @@ def test_resume_true_picks_the_latest_complete_checkpoint_and_skips_a_partial_on
     again = train(run_config(tmp_path, "--train.max_steps", "14", "--train.resume", "true"))
     assert again.steps == 14
     assert max(losses(again.output_dir)) == 14
+
+
+def test_tiny_moe_run_learns_and_exports_per_expert_weights(tmp_path):
+    result = train(run_config(tmp_path, moe=True))
+    curve = losses(result.output_dir)
+    assert curve[12] < 0.7 * curve[1]
+    theirs = __import__("transformers").Qwen3_5MoeForCausalLM.from_pretrained(result.export_dir).eval()
+    ours = Qwen35ForCausalLM.from_pretrained(result.export_dir).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids).logits).abs().max().item() <= 1e-5

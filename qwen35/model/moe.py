@@ -1,0 +1,87 @@
+"""The sparse mixture-of-experts block of the Qwen3.5 MoE models (35B-A3B, 122B-A10B).
+
+Router: softmax over experts in float32, top-k, renormalised to sum 1. Routed experts are SwiGLU
+MLPs held as two 3-D parameters, transformers' in-memory layout: `experts.gate_up_proj
+[E, 2I, H]` (gate rows first) and `experts.down_proj [E, H, I]`; checkpoints store them per
+expert (`experts.{e}.gate_proj.weight`, ...), fused and split by `qwen35.checkpoint.hf`. A shared
+expert (an ordinary SwiGLU MLP) runs on every token, scaled by `sigmoid(shared_expert_gate(x))`.
+
+The load-balancing loss (Switch Transformer, as transformers computes it over all layers):
+`E * sum_e f_e * p_e`, with f_e the fraction of top-k assignments that go to expert e and p_e
+the mean router probability of e, both over every token of every MoE layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.model.config import Qwen35Config
+
+
+class Router(nn.Module):
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+
+    def forward(self, x_ND):
+        logits = F.linear(x_ND, self.weight)  # [N, E]
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype)
+        return logits, weights, experts
+
+
+class Experts(nn.Module):
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x_ND, weights_NK, experts_NK):
+        """The reference: each expert over the tokens routed to it, in a loop."""
+        out = torch.zeros_like(x_ND)
+        for expert in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.where(experts_NK == expert)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x_ND[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert]) * weights_NK[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: Qwen35Config):
+        super().__init__()
+        from qwen35.model.model import MLP
+
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x_BTD):
+        """Returns the block output and the router logits `[B*T, E]` (for the balancing loss)."""
+        x = x_BTD.reshape(-1, x_BTD.shape[-1])
+        logits, weights, experts = self.gate(x)
+        out = self.experts(x, weights, experts)
+        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view_as(x_BTD), logits
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    num_experts = router_logits[0].shape[-1]
+    assigned = router_logits[0].new_zeros(num_experts, dtype=torch.float32)
+    prob_sum = torch.zeros_like(assigned)
+    rows = 0
+    for logits in router_logits:
+        probs = logits.float().softmax(dim=-1)
+        chosen = probs.topk(top_k, dim=-1).indices
+        assigned = assigned + torch.bincount(chosen.flatten(), minlength=num_experts).float()
+        prob_sum = prob_sum + probs.sum(dim=0)
+        rows += probs.shape[0]
+    return num_experts * torch.sum((assigned / rows) * (prob_sum / rows))
