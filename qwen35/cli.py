@@ -65,8 +65,10 @@ def _plot(args: argparse.Namespace) -> None:
 
 TRAIN_USAGE = """usage: qwen35 train [CONFIG.yaml] [--section.key VALUE ...]
 
-Without a config file: the built-in default run (a tiny model trained from scratch on a generated
-arithmetic task, then evaluated). Keys (defaults shown) may be set in the YAML file or as flags:
+Without a config file, settings start from the built-in default run's (qwen35/train/default.yaml:
+a tiny model trained from scratch on a generated arithmetic task, then evaluated); without
+data.train_path the run trains on that task. Keys may be set in the YAML file or as flags
+(defaults below are those of an explicit config file):
 """
 
 
