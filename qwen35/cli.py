@@ -57,6 +57,19 @@ def _eval(args: argparse.Namespace) -> None:
     evaluate_model_dir(args.model, args.data, args.limit)
 
 
+def _merge(args: argparse.Namespace) -> None:
+    """Base checkpoint + adapter -> one full HF checkpoint (each tensor in its stored dtype)."""
+    from transformers import AutoTokenizer
+
+    from qwen35 import Qwen35ForCausalLM
+    from qwen35.lora import load_adapter, merge_lora
+
+    model = merge_lora(load_adapter(Qwen35ForCausalLM.from_pretrained(args.model), args.adapter))
+    model.save_pretrained(args.output)
+    AutoTokenizer.from_pretrained(args.model).save_pretrained(args.output)
+    print(f"merged {args.adapter} into {args.model}: {args.output}")
+
+
 def _plot(args: argparse.Namespace) -> None:
     from qwen35.plot import plot_metrics
 
@@ -84,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="task JSONL (default: the built-in held-out set)")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
     evaluate.set_defaults(run=_eval)
+
+    merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model")
+    merge.add_argument("--model", required=True, help="base model directory")
+    merge.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json, adapter_model.safetensors)")
+    merge.add_argument("--output", required=True, help="directory for the merged HF checkpoint")
+    merge.set_defaults(run=_merge)
 
     plot = commands.add_parser("plot", help="draw the loss curves of a run to OUTPUT_DIR/loss.png")
     plot.add_argument("output_dir")

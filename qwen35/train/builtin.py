@@ -9,6 +9,7 @@ checkpoint, and prints the held-out exact-match accuracy next to the untrained m
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from qwen35.data.task import build_task, load_eval_examples, score
 from qwen35.data.tokenizer import build_tokenizer
+from qwen35.lora import load_adapter
 from qwen35.model import Qwen35Config, Qwen35ForCausalLM
 from qwen35.train.config import RunConfig
 
@@ -69,7 +71,12 @@ def evaluate_model_dir(model_dir: str, data: str | None = None, limit: int | Non
     """`qwen35 eval`: a trained model directory on the task's held-out set."""
     from transformers import AutoTokenizer
 
-    model = Qwen35ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapter_config = Path(model_dir) / "adapter_config.json"
+    if adapter_config.is_file():  # a LoRA export: its base model plus the adapter
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model = load_adapter(Qwen35ForCausalLM.from_pretrained(base, dtype=torch.float32), model_dir)
+    else:
+        model = Qwen35ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     val_path = Path(data) if data else Path(model_dir).parent / "builtin" / "task" / "val.jsonl"
     if not val_path.is_file():
@@ -96,7 +103,11 @@ def run_default_or_train(cfg: RunConfig):
     result = train(cfg)
     if result.export_dir is None:
         return result
-    after = task_accuracy(Qwen35ForCausalLM.from_pretrained(result.export_dir), tok, files.val)
+    if cfg.lora.rank:  # the export is an adapter for the checkpoint at model.path
+        trained = load_adapter(Qwen35ForCausalLM.from_pretrained(cfg.model.path), result.export_dir)
+    else:
+        trained = Qwen35ForCausalLM.from_pretrained(result.export_dir)
+    after = task_accuracy(trained, tok, files.val)
     print(f"held-out exact match: untrained {before:.1%} -> trained {after:.1%} "
           f"({len(load_eval_examples(files.val))} problems; model in {result.export_dir})")
     return result

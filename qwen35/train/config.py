@@ -1,6 +1,6 @@
 """The run config: what to train, on what data, for how long, and how.
 
-One flat dataclass per section (model, data, train, optim, checkpoint, log, parallel),
+One flat dataclass per section (model, data, train, optim, lora, checkpoint, log, parallel),
 gathered in `RunConfig`. A run is described by a YAML file with those sections, then adjusted by
 dotted command-line flags, the habit VeOmni, Axolotl and torchtitan users bring:
 
@@ -120,6 +120,20 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters on linear layers (PEFT format); rank 0 trains every weight instead."""
+
+    rank: int = option(0, "Adapter rank; 0: full fine-tuning")
+    alpha: float = option(32.0, "Adapter scale numerator: alpha / rank (alpha / sqrt(rank) with use_rslora)")
+    dropout: float = option(0.0, "Dropout on the adapter input")
+    use_rslora: bool = option(False, "Rank-stabilised scaling alpha / sqrt(rank)")
+    target_modules: list[str] = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+         "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj"],
+        "Linear layers (by name suffix) that get an adapter")
+
+
+@dataclass
 class CheckpointConfig:
     """What is kept on disk."""
 
@@ -154,6 +168,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -197,7 +212,7 @@ def _check(cfg: RunConfig) -> None:
                 ):
         need(_get(cfg, key) > 0, f"{key} must be > 0, got {_get(cfg, key)}")
     for key in ("train.save_steps", "train.eval_steps", "train.grad_clip", "optim.warmup_steps",
-                "data.num_workers", "checkpoint.keep_last", "checkpoint.export_steps"):
+                "data.num_workers", "checkpoint.keep_last", "checkpoint.export_steps", "lora.rank"):
         need(_get(cfg, key) >= 0, f"{key} must be >= 0, got {_get(cfg, key)}")
     need(train.global_batch_size > 0 and train.global_batch_size % train.micro_batch_size == 0,
          f"train.global_batch_size ({train.global_batch_size}) must be a positive multiple of "
@@ -205,6 +220,10 @@ def _check(cfg: RunConfig) -> None:
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
     need(cfg.data.val_path is None or cfg.data.val_fraction == 0.0,
          "data.val_path and data.val_fraction are exclusive: give a file or hold out a fraction")
+    need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout must be in [0, 1)")
+    need(cfg.lora.rank == 0 or bool(cfg.lora.target_modules), "lora.rank > 0 needs lora.target_modules")
+    need(cfg.lora.rank == 0 or cfg.model.path is not None,
+         "lora.rank > 0 needs model.path: adapters fine-tune a checkpoint")
     need(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
     need(all(0.0 <= b < 1.0 for b in cfg.optim.betas), "optim.betas must be in [0, 1)")
 

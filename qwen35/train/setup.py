@@ -19,6 +19,7 @@ from qwen35.data.dataset import build_datasets
 from qwen35.data.loader import PackedLoader
 from qwen35.model import Qwen35ForCausalLM, preset
 from qwen35 import ops
+from qwen35.lora import LoraSettings, apply_lora, reset_lora_parameters, save_adapter
 from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
 from qwen35.train.config import RunConfig
@@ -81,7 +82,10 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
 
     from qwen35.train import builtin
 
-    def parallelize(model):  # torchtitan's order: checkpointing, compile, then FSDP
+    def parallelize(model):  # adapters, then torchtitan's order: checkpointing, compile, FSDP
+        if cfg.lora.rank:
+            apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
+                                           list(cfg.lora.target_modules)))
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
@@ -93,6 +97,7 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
     if cfg.model.path:
         path = Path(cfg.model.path)
         model = Qwen35ForCausalLM.from_pretrained(path, dtype=torch.float32, device=rt.device, parallelize=parallelize)
+        reset_lora_parameters(model)  # adapters are not in the checkpoint
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         # Random weights: every rank draws the same full model from the seed, then keeps its shards.
@@ -105,11 +110,15 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
 
 
 def export_model(model, tokenizer, directory: Path, rt: Runtime) -> None:
-    """HF format: safetensors (stored dtypes), config.json, tokenizer files and chat template.
+    """HF format: safetensors (stored dtypes), config.json, tokenizer files and chat template;
+    with LoRA, the adapter in PEFT's format instead of the weights (`qwen35 merge` folds it in).
 
     Every rank takes part (FSDP gathers the full tensors); rank 0 writes.
     """
-    model.save_pretrained(directory)
+    if getattr(model, "lora_settings", None) is not None:
+        save_adapter(model, directory, base_model=_base_model_path(model))
+    else:
+        model.save_pretrained(directory)
     if rt.is_main:
         tokenizer.save_pretrained(directory)
 
@@ -132,3 +141,8 @@ def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime) -> RunData:
                            shuffle=False)
         val_batches = list(itertools.islice(val, val.batches_per_epoch))
     return RunData(loader, len(datasets.train), val_batches)
+
+
+def _base_model_path(model) -> str | None:
+    origin = getattr(model, "origin", None)
+    return str(origin.directory) if origin is not None else None

@@ -78,3 +78,22 @@ def test_tiny_moe_run_learns_and_exports_per_expert_weights(tmp_path):
     ids = torch.randint(0, ours.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (theirs(ids).logits - ours(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_lora_run_trains_only_the_adapter_and_merges_into_a_full_checkpoint(tmp_path):
+    from peft import PeftModel
+
+    from qwen35.cli import main
+
+    result = train(run_config(tmp_path, "--lora.rank", "8", "--lora.alpha", "16"))
+    curve = losses(result.output_dir)
+    assert curve[12] < curve[1] - 0.2  # the frozen random base limits how far an adapter gets
+    assert (result.export_dir / "adapter_model.safetensors").is_file()
+    assert not (result.export_dir / "model.safetensors").exists()
+    main(["merge", "--model", str(tmp_path / "model"), "--adapter", str(result.export_dir),
+          "--output", str(tmp_path / "merged")])
+    merged = Qwen35ForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    peft = PeftModel.from_pretrained(Qwen3_5ForCausalLM.from_pretrained(tmp_path / "model"), result.export_dir).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (1, 25), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (peft(ids).logits - merged(ids).logits).abs().max().item() <= 1e-5
