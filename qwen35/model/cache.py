@@ -58,10 +58,6 @@ class InferenceCache:
         sequence = torch.arange(batch, device=position.device)[:, None].expand_as(position)
         return sequence.reshape(-1), position.reshape(-1)
 
-    def positions(self, length: int, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        """Rotary position ids of the new tokens, `[B, T]` (`[1, T]` when packed)."""
-        return self.slots(length, cu_seqlens)[1].view(-1 if cu_seqlens is None else 1, length)
-
     def advance(self, length: int, cu_seqlens: torch.Tensor | None) -> None:
         """Called once after each forward: the new tokens now count as seen."""
         if cu_seqlens is not None:

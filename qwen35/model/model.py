@@ -173,7 +173,7 @@ class Qwen35Model(nn.Module):
         if cache is not None:
             slots = cache.slots(length, cu_seqlens)
             if position_ids is None:
-                position_ids = cache.positions(length, cu_seqlens)
+                position_ids = slots[1].view(batch, length)  # each sequence continues where it stopped
         if position_ids is None:
             if cu_seqlens is not None:
                 position_ids = positions_in_documents(cu_seqlens, length)[None]
