@@ -18,7 +18,7 @@ from qwen35 import ops
 from qwen35.model.cache import InferenceCache
 from qwen35.model.config import Qwen35Config
 from qwen35.model.gated_delta import GatedDeltaNet, GatedRMSNorm
-from qwen35.model.moe import Experts, Router, SparseMoeBlock, load_balancing_loss
+from qwen35.model.moe import Experts, Router, RouterStats, SparseMoeBlock, router_stats
 from qwen35.ops.segments import document_starts, positions_in_documents
 
 IGNORE_INDEX = -100
@@ -205,7 +205,7 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None  # mean over the loss tokens
     loss_sum: torch.Tensor | None = None
     num_loss_tokens: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # MoE load balancing, unscaled; `loss` includes coef * aux
+    router: RouterStats | None = None  # MoE: `loss` includes router_aux_loss_coef * router.aux_loss
 
 
 class Qwen35ForCausalLM(nn.Module):
@@ -236,8 +236,8 @@ class Qwen35ForCausalLM(nn.Module):
         count = (targets != IGNORE_INDEX).sum()
         out = CausalLMOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_loss_tokens=count)
         if router_logits:
-            out.aux_loss = load_balancing_loss(router_logits, self.config.num_experts_per_tok)
-            out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+            out.router = router_stats(router_logits, self.config.num_experts_per_tok)
+            out.loss = out.loss + self.config.router_aux_loss_coef * out.router.aux_loss
         return out
 
     # --- construction ---------------------------------------------------------------------

@@ -8,15 +8,20 @@ expert (an ordinary SwiGLU MLP) runs on every token, scaled by `sigmoid(shared_e
 
 The load-balancing loss (Switch Transformer, as transformers computes it over all layers):
 `E * sum_e f_e * p_e`, with f_e the fraction of top-k assignments that go to expert e and p_e
-the mean router probability of e, both over every token of every MoE layer.
+the mean router probability of e, both over every token of every MoE layer. The optional
+router z-loss (ST-MoE) is the mean of `logsumexp(logits)^2`; its coefficient is a training
+setting (`train.router_z_loss_coef`), not part of the model's config.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen35 import ops
 from qwen35.model.config import Qwen35Config
 
 
@@ -42,16 +47,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x_ND, weights_NK, experts_NK):
-        """The reference: each expert over the tokens routed to it, in a loop."""
-        out = torch.zeros_like(x_ND)
-        for expert in range(self.gate_up_proj.shape[0]):
-            token, slot = torch.where(experts_NK == expert)
-            if token.numel() == 0:
-                continue
-            gate, up = F.linear(x_ND[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert]) * weights_NK[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out
+        return ops.routed_experts(x_ND, weights_NK, experts_NK, self.gate_up_proj, self.down_proj)
 
 
 class SparseMoeBlock(nn.Module):
@@ -73,15 +69,26 @@ class SparseMoeBlock(nn.Module):
         return out.view_as(x_BTD), logits
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+@dataclass
+class RouterStats:
+    """What the routers of one forward did, over every MoE layer."""
+
+    aux_loss: torch.Tensor  # load balancing, unscaled (the model adds router_aux_loss_coef * aux)
+    z_loss: torch.Tensor  # mean over tokens and layers of logsumexp(router logits)^2 (ST-MoE)
+    tokens_per_expert: torch.Tensor  # [layers, E] top-k assignments, no gradient
+
+
+def router_stats(router_logits: list[torch.Tensor], top_k: int) -> RouterStats:
     num_experts = router_logits[0].shape[-1]
-    assigned = router_logits[0].new_zeros(num_experts, dtype=torch.float32)
-    prob_sum = torch.zeros_like(assigned)
-    rows = 0
+    counts, prob_sums, z_sum = [], [], 0.0
     for logits in router_logits:
-        probs = logits.float().softmax(dim=-1)
+        logits = logits.float()
+        probs = logits.softmax(dim=-1)
         chosen = probs.topk(top_k, dim=-1).indices
-        assigned = assigned + torch.bincount(chosen.flatten(), minlength=num_experts).float()
-        prob_sum = prob_sum + probs.sum(dim=0)
-        rows += probs.shape[0]
-    return num_experts * torch.sum((assigned / rows) * (prob_sum / rows))
+        counts.append(torch.bincount(chosen.flatten(), minlength=num_experts).float())
+        prob_sums.append(probs.sum(dim=0))
+        z_sum = z_sum + torch.logsumexp(logits, dim=-1).square().sum()
+    rows = sum(logits.shape[0] for logits in router_logits)
+    assigned, prob_sum = torch.stack(counts).sum(0), torch.stack(prob_sums).sum(0)
+    aux = num_experts * torch.sum((assigned / rows) * (prob_sum / rows))
+    return RouterStats(aux, z_sum / rows, torch.stack(counts))

@@ -1,10 +1,10 @@
 """The kernel seam: every heavy op the model calls, chosen in this one place.
 
 The model calls `ops.gated_delta_rule`, `ops.causal_conv1d`, `ops.causal_attention`,
-`ops.gated_rms_norm` and `ops.linear_cross_entropy`; each resolves to the torch reference
+`ops.gated_rms_norm`, `ops.linear_cross_entropy` and `ops.routed_experts`; each resolves to the torch reference
 (readable, runs anywhere, the ground truth of the tests) or, once selected with
 `use_backend("fast")`, to the GPU kernels of `qwen35.ops.fast` (flash-linear-attention, torch's
-varlen flash attention, a fused linear cross-entropy). A fast op has the reference's signature
+varlen flash attention, a fused linear cross-entropy, grouped-GEMM experts). A fast op has the reference's signature
 and is tested against it (tests/gpu).
 
     from qwen35 import ops
@@ -20,6 +20,7 @@ from qwen35.ops import attention as _attention
 from qwen35.ops import conv as _conv
 from qwen35.ops import cross_entropy as _cross_entropy
 from qwen35.ops import delta_rule as _delta_rule
+from qwen35.ops import moe as _moe
 from qwen35.ops import norm as _norm
 from qwen35.ops.attention import cached_attention
 
@@ -31,6 +32,7 @@ _REFERENCE = {
     "causal_attention": _attention.causal_attention,
     "gated_rms_norm": _norm.gated_rms_norm,
     "linear_cross_entropy": _cross_entropy.linear_cross_entropy,
+    "routed_experts": _moe.expert_loop,
 }
 _active = dict(_REFERENCE)
 _backend = "reference"
@@ -89,7 +91,12 @@ def linear_cross_entropy(hidden_ND, weight_VD, targets_N):
     return _active["linear_cross_entropy"](hidden_ND, weight_VD, targets_N)
 
 
+def routed_experts(x_ND, weights_NK, experts_NK, gate_up_EIH, down_EHI):
+    """Sum over each token's top-k experts of weight * SwiGLU expert(x); see `qwen35.ops.moe`."""
+    return _active["routed_experts"](x_ND, weights_NK, experts_NK, gate_up_EIH, down_EHI)
+
+
 __all__ = [
     "BACKENDS", "use_backend", "current_backend", "gated_delta_rule", "causal_conv1d",
-    "causal_attention", "gated_rms_norm", "linear_cross_entropy", "cached_attention",
+    "causal_attention", "gated_rms_norm", "linear_cross_entropy", "routed_experts", "cached_attention",
 ]

@@ -13,6 +13,7 @@
 - linear cross-entropy: chunks of tokens through one bf16 matmul each, Liger's triton kernel
   turns the logits into loss and logit-gradient in place, and the gradients of hidden and weight
   are accumulated right there (the weight's in float32), so nothing is recomputed in backward.
+- routed experts: token permutation and grouped GEMM (`qwen35.ops.moe.grouped_experts`).
 
 Host syncs: the kernels want the document lengths on the host (fla's chunk indices, the flash
 kernel's max length). They are read once per `cu_seqlens` tensor: `_host_view` keeps the last
@@ -41,6 +42,7 @@ from qwen35.ops import attention as _attention
 from qwen35.ops import conv as _conv
 from qwen35.ops import cross_entropy as _cross_entropy
 from qwen35.ops import delta_rule as _delta_rule
+from qwen35.ops import moe as _moe
 from qwen35.ops import norm as _norm
 from qwen35.ops.cross_entropy import IGNORE_INDEX
 
@@ -264,4 +266,5 @@ OPS = {
     "causal_attention": causal_attention,
     "gated_rms_norm": gated_rms_norm,
     "linear_cross_entropy": linear_cross_entropy,
+    "routed_experts": _moe.grouped_experts,
 }

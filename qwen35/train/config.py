@@ -103,6 +103,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile each decoder layer (fuses the elementwise work)")
     activation_checkpointing: bool = option(
         False, "Recompute each block's activations in the backward pass to save memory")
+    router_z_loss_coef: float = option(
+        0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2) added to the loss; 0: off")
 
 
 @dataclass

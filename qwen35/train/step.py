@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,15 +22,25 @@ def count_loss_tokens(batch: dict) -> torch.Tensor:
     return (targets != IGNORE_INDEX).sum()
 
 
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the step's mean token loss over every rank
+    loss_tokens: torch.Tensor  # loss tokens of the step over every rank
+    router: dict[str, torch.Tensor] | None = None  # MoE: aux_loss, z_loss (step means), tokens_per_expert [L, E]
+
+
 def forward_backward(
     model: torch.nn.Module,
     micro_batches: Sequence[dict],
     global_count: Callable[[torch.Tensor], torch.Tensor] = lambda n: n,
     autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulates the gradient of (step loss sum / step loss tokens). Returns (loss, tokens)."""
+    router_z_loss_coef: float = 0.0,
+) -> StepResult:
+    """Accumulates the gradient of (step loss sum / step loss tokens), plus for MoE models the
+    router losses (per-micro-batch means, averaged over the step)."""
     count = global_count(sum(count_loss_tokens(b) for b in micro_batches)).clamp(min=1)
     total = torch.zeros((), device=count.device)
+    router = None
     for batch in micro_batches:
         device_type = batch["input_ids"].device.type
         autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
@@ -37,8 +48,11 @@ def forward_backward(
         with autocast:
             out = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"), labels=batch["labels"])
         loss = out.loss_sum / count
-        if out.aux_loss is not None:  # MoE load balancing: a per-micro-batch mean, averaged over the step
-            loss = loss + model.config.router_aux_loss_coef * out.aux_loss / len(micro_batches)
+        if out.router is not None:
+            aux, z = out.router.aux_loss / len(micro_batches), out.router.z_loss / len(micro_batches)
+            loss = loss + model.config.router_aux_loss_coef * aux + router_z_loss_coef * z
+            this = {"aux_loss": aux.detach(), "z_loss": z.detach(), "tokens_per_expert": out.router.tokens_per_expert}
+            router = this if router is None else {k: router[k] + v for k, v in this.items()}
         loss.backward()
         total = total + out.loss_sum.detach()
-    return global_count(total) / count, count
+    return StepResult(global_count(total) / count, count, router)

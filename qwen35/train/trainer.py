@@ -124,19 +124,21 @@ def train(cfg: RunConfig) -> TrainResult:
         while step < total_steps:
             start = time.perf_counter()
             micro = [_to_device(next(batches), rt.device) for _ in range(accumulation)]
-            loss_t, _ = forward_backward(model, micro, _global_count, rt.autocast_dtype)
+            result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.train.router_z_loss_coef)
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss = float(loss_t)
+            loss = float(result.loss)
             elapsed = time.perf_counter() - start
             tokens = sum(b["input_ids"].numel() for b in micro) * rt.world_size
             tokens_per_s = tokens / elapsed
             scalars = dict(loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                            tokens_per_s=tokens_per_s, memory_gb=rt.peak_memory_gb())
+            if result.router is not None:
+                scalars.update(_router_scalars(result.router, rt.world_size))
             if rt.device.type == "cuda":
                 scalars["mfu"] = flops_token * tokens_per_s / (PEAK_BF16_FLOPS * rt.world_size)
             if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and data.val_batches:
@@ -163,6 +165,16 @@ def train(cfg: RunConfig) -> TrainResult:
             export_model(model, tokenizer, export_dir, rt)
             rt.print(f"exported the final model to {export_dir}")
     return TrainResult(out_dir, step, loss, export_dir)
+
+
+def _router_scalars(router: dict, world_size: int) -> dict:
+    """MoE balance over all ranks: the router losses (mean over ranks), and the busiest and
+    idlest expert of any layer as a multiple of an even share (1.0 = perfectly balanced)."""
+    counts = _global_count(router["tokens_per_expert"])  # [layers, E]
+    share = counts / counts.mean(dim=-1, keepdim=True).clamp(min=1)
+    aux, z = (float(_global_count(router[k])) / world_size for k in ("aux_loss", "z_loss"))
+    return {"moe_aux_loss": aux, "moe_z_loss": z,
+            "expert_load_max": float(share.max()), "expert_load_min": float(share.min())}
 
 
 def _resume_path(cfg: RunConfig, out_dir: Path) -> Path | None:

@@ -24,7 +24,7 @@ def test_moe_logits_loss_aux_and_every_gradient_match_transformers(tmp_path):
     theirs.loss.backward()
     out = ours(ids, labels=ids)
     out.loss.backward()
-    assert _rel(out.aux_loss.detach(), theirs.aux_loss.detach()) <= 1e-5
+    assert _rel(out.router.aux_loss.detach(), theirs.aux_loss.detach()) <= 1e-5
     assert _rel(out.loss.detach(), theirs.loss.detach()) <= 1e-4
     hf_params = dict(hf.named_parameters())
     assert {n for n, _ in ours.named_parameters()} == set(hf_params)
@@ -61,3 +61,21 @@ def test_a_missing_expert_is_named(tmp_path):
         assert "missing (1): model.layers.1.mlp.experts.gate_up_proj" in str(e)
     else:
         raise AssertionError("a checkpoint without an expert loaded")
+
+
+def test_router_z_loss_and_tokens_per_expert(tmp_path):
+    ours = ours_from_hf(hf_moe_model(), tmp_path)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    captured = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: captured.append(o[0].detach()))
+             for layer in ours.model.layers]
+    out = ours(ids, labels=ids)
+    for h in hooks:
+        h.remove()
+    logits = torch.cat(captured)  # every MoE layer's router logits, [layers * 80, E]
+    expected_z = torch.logsumexp(logits, dim=-1).square().mean()
+    assert _rel(out.router.z_loss.detach(), expected_z) <= 1e-6
+    counts = out.router.tokens_per_expert
+    assert counts.shape == (len(ours.model.layers), 4)
+    assert torch.equal(counts.sum(dim=1), torch.full((len(ours.model.layers),), 80.0 * 2))  # top-2 of 80 tokens
+    assert out.router.z_loss.requires_grad and not counts.requires_grad

@@ -33,9 +33,11 @@ def test_accumulating_uneven_micro_batches_equals_one_batch(tmp_path):
     model = ours_from_hf(hf_text_model("tied_interval2_gva2"), tmp_path)
     docs = _documents()
     micro = [_packed_batch(docs[:1]), _packed_batch(docs[1:4]), _packed_batch(docs[4:])]  # 30, 71, 3 tokens
-    loss_micro, count_micro = forward_backward(model, micro)
+    micro_result = forward_backward(model, micro)
+    loss_micro, count_micro = micro_result.loss, micro_result.loss_tokens
     grads_micro = _grads(model)
-    loss_one, count_one = forward_backward(model, [_packed_batch(docs)])
+    one_result = forward_backward(model, [_packed_batch(docs)])
+    loss_one, count_one = one_result.loss, one_result.loss_tokens
     grads_one = _grads(model)
     assert count_micro == count_one
     assert abs(loss_micro.item() - loss_one.item()) <= 1e-6 * loss_one.item()
@@ -48,10 +50,10 @@ def test_accumulating_uneven_micro_batches_equals_one_batch(tmp_path):
 def test_packed_step_equals_the_documents_unpacked(tmp_path):
     model = ours_from_hf(hf_text_model("explicit_layer_types_gva4"), tmp_path)
     docs = _documents()
-    loss_packed, _ = forward_backward(model, [_packed_batch(docs)])
+    loss_packed = forward_backward(model, [_packed_batch(docs)]).loss
     grads_packed = _grads(model)
     unpacked = [{"input_ids": d[None], "labels": torch.cat([torch.tensor([-100]), d[1:]])[None]} for d in docs]
-    loss_unpacked, _ = forward_backward(model, unpacked)
+    loss_unpacked = forward_backward(model, unpacked).loss
     grads_unpacked = _grads(model)
     assert abs(loss_packed.item() - loss_unpacked.item()) <= 1e-6 * loss_packed.item()
     for name in grads_packed:

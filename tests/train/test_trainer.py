@@ -70,9 +70,12 @@ def test_resume_true_picks_the_latest_complete_checkpoint_and_skips_a_partial_on
 
 
 def test_tiny_moe_run_learns_and_exports_per_expert_weights(tmp_path):
-    result = train(run_config(tmp_path, moe=True))
+    result = train(run_config(tmp_path, "--train.router_z_loss_coef", "1e-3", moe=True))
     curve = losses(result.output_dir)
     assert curve[12] < 0.7 * curve[1]
+    last = json.loads((result.output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["expert_load_max"] >= 1.0 >= last["expert_load_min"] >= 0.0
+    assert last["moe_aux_loss"] > 0 and last["moe_z_loss"] > 0
     theirs = __import__("transformers").Qwen3_5MoeForCausalLM.from_pretrained(result.export_dir).eval()
     ours = Qwen35ForCausalLM.from_pretrained(result.export_dir).eval()
     ids = torch.randint(0, ours.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
