@@ -45,9 +45,13 @@ class Experts(nn.Module):
         e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        # Parameter name -> module mapping the stored weight to the one used (LoRA, `qwen35.lora`).
+        self.weight_adapters = nn.ModuleDict()
 
     def forward(self, x_ND, weights_NK, experts_NK):
-        return ops.routed_experts(x_ND, weights_NK, experts_NK, self.gate_up_proj, self.down_proj)
+        gate_up, down = (self.weight_adapters[n](w) if n in self.weight_adapters else w
+                         for n, w in (("gate_up_proj", self.gate_up_proj), ("down_proj", self.down_proj)))
+        return ops.routed_experts(x_ND, weights_NK, experts_NK, gate_up, down)
 
 
 class SparseMoeBlock(nn.Module):

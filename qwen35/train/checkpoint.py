@@ -34,6 +34,15 @@ from torch.distributed.checkpoint.state_dict import (
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 
 
+def _trainable_state(model) -> dict:
+    """The model's part of a checkpoint: its trainable parameters. With every weight trained that
+    is the whole model; with adapters only the adapters, since the frozen base (in whatever
+    form: bf16, 4-bit) is read again from `model.path` on resume."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    return {k: v for k, v in state.items() if k in trainable}
+
+
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -87,7 +96,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep_l
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": _trainable_state(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=str(partial))
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -110,10 +119,10 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
 
     On a different number of ranks than saved, a rank without its own RNG file keeps its seed.
     """
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": _trainable_state(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+        dcp.load(state, checkpoint_id=str(path))  # raises if the checkpoint lacks any of these keys
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     if (path / f"rng_rank{rank}.pt").is_file():

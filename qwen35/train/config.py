@@ -133,6 +133,11 @@ class LoraConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
          "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj"],
         "Linear layers (by name suffix) that get an adapter")
+    target_parameters: list[str] = option(
+        [], "3-D parameters (by name suffix) that get an adapter: the routed experts, "
+            "mlp.experts.gate_up_proj and mlp.experts.down_proj (PEFT's target_parameters)")
+    quantize_base: Literal["none", "nf4"] = option(
+        "none", "QLoRA: hold the frozen linear layers of the decoder in 4-bit NF4 (bitsandbytes, CUDA)")
 
 
 @dataclass
@@ -223,7 +228,11 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.data.val_path is None or cfg.data.val_fraction == 0.0,
          "data.val_path and data.val_fraction are exclusive: give a file or hold out a fraction")
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout must be in [0, 1)")
-    need(cfg.lora.rank == 0 or bool(cfg.lora.target_modules), "lora.rank > 0 needs lora.target_modules")
+    need(cfg.lora.rank == 0 or bool(cfg.lora.target_modules or cfg.lora.target_parameters),
+         "lora.rank > 0 needs lora.target_modules or lora.target_parameters")
+    need(cfg.lora.quantize_base == "none" or cfg.lora.rank > 0, "lora.quantize_base needs lora.rank > 0 (QLoRA)")
+    need(not (cfg.lora.target_parameters and cfg.lora.dropout),
+         "lora.dropout must be 0 with lora.target_parameters (as in PEFT)")
     need(cfg.lora.rank == 0 or cfg.model.path is not None,
          "lora.rank > 0 needs model.path: adapters fine-tune a checkpoint")
     need(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")

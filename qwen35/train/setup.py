@@ -19,7 +19,7 @@ from qwen35.data.dataset import build_datasets
 from qwen35.data.loader import PackedLoader
 from qwen35.model import Qwen35ForCausalLM, preset
 from qwen35 import ops
-from qwen35.lora import LoraSettings, apply_lora, reset_lora_parameters, save_adapter
+from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers, reset_lora_parameters, save_adapter
 from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
 from qwen35.train.config import RunConfig
@@ -85,7 +85,7 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
     def parallelize(model):  # adapters, then torchtitan's order: checkpointing, compile, FSDP
         if cfg.lora.rank:
             apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
-                                           list(cfg.lora.target_modules)))
+                                           list(cfg.lora.target_modules), list(cfg.lora.target_parameters)))
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
@@ -96,8 +96,16 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
 
     if cfg.model.path:
         path = Path(cfg.model.path)
-        model = Qwen35ForCausalLM.from_pretrained(path, dtype=torch.float32, device=rt.device, parallelize=parallelize)
-        reset_lora_parameters(model)  # adapters are not in the checkpoint
+        if cfg.lora.quantize_base == "nf4":
+            if rt.world_size > 1:
+                raise ValueError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
+            model = Qwen35ForCausalLM.from_pretrained(path, dtype=_frozen_base_dtype(cfg, rt), device=rt.device)
+            quantize_linear_layers(model, rt.autocast_dtype or torch.float32)
+            parallelize(model)
+        else:
+            model = Qwen35ForCausalLM.from_pretrained(path, dtype=_frozen_base_dtype(cfg, rt), device=rt.device,
+                                                      parallelize=parallelize)
+            reset_lora_parameters(model)  # adapters are not in the checkpoint
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         # Random weights: every rank draws the same full model from the seed, then keeps its shards.
@@ -107,6 +115,15 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
         parallelize(model)
     model.train()
     return model, tokenizer
+
+
+def _frozen_base_dtype(cfg: RunConfig, rt: Runtime) -> torch.dtype:
+    """float32 master weights, except a frozen base under bf16 compute on one device: stored in
+    bf16, which autocast would cast it to anyway (the float32 parameters of DESIGN §3 stay
+    float32). Under FSDP the base stays float32, one dtype per sharded group."""
+    if cfg.lora.rank and rt.autocast_dtype is not None and rt.world_size == 1:
+        return rt.autocast_dtype
+    return torch.float32
 
 
 def export_model(model, tokenizer, directory: Path, rt: Runtime) -> None:

@@ -100,3 +100,23 @@ def test_lora_run_trains_only_the_adapter_and_merges_into_a_full_checkpoint(tmp_
     ids = torch.randint(0, merged.config.vocab_size, (1, 25), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (peft(ids).logits - merged(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_qlora_run_learns_and_resumes_from_adapter_only_checkpoints(tmp_path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    flags = ["--lora.rank", "8", "--lora.alpha", "16", "--lora.quantize_base", "nf4", "--train.save_steps", "6",
+             "--checkpoint.keep_last", "0"]
+    full = train(run_config(tmp_path, *flags))
+    curve = losses(full.output_dir)
+    assert curve[12] < curve[1] - 0.2
+    step6 = full.output_dir / "checkpoints" / "step_00000006"
+    saved = FileSystemReader(str(step6)).read_metadata().state_dict_metadata
+    model_keys = {k for k in saved if k.startswith("model.")}
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)  # no base weights
+    resumed = train(run_config(tmp_path, *flags, "--train.output_dir", str(tmp_path / "resumed"),
+                               "--train.resume", str(step6)))
+    got = losses(resumed.output_dir)
+    assert sorted(got) == list(range(7, 13))
+    assert all(abs(got[s] - curve[s]) <= 1e-6 * curve[s] for s in got)
+    assert (resumed.export_dir / "adapter_model.safetensors").is_file()
