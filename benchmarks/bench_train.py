@@ -10,6 +10,11 @@ one of these precisions (`--ours`, "precision:checkpointing[:compile]"):
 - `fp32m`  float32 master parameters and AdamW state, bf16 compute under torch.autocast (the
            trainer's default); A_log and the GDN norm weight are float32 either way.
 - `bf16`   bf16 parameters, gradients and AdamW state (A_log and the GDN norm weight stay float32).
+- `lora`   frozen bf16 base, rank-16 float32 adapters on the trainer's default targets, bf16
+           autocast; `qlora` the same over a 4-bit NF4 base (bitsandbytes). MFU counts the full
+           model's FLOPs (the frozen weights still run forward and backward through activations).
+- `offload` bf16 weights and gradients on the GPU, float32 masters and AdamW state in CPU memory
+           (`qwen35.train.optim.OffloadedAdamW`, the trainer's `optim.cpu_offload`).
 
 checkpointing: `none`, `selective` (keep matmul and attention outputs, recompute the rest) or
 `full` (one layer input kept, the layer rerun in backward); see `qwen35.parallel.compile`.
@@ -45,7 +50,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset  # noqa: E402
+from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers  # noqa: E402
 from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers  # noqa: E402
+from qwen35.train.config import LoraConfig  # noqa: E402
+from qwen35.train.optim import OffloadedAdamW  # noqa: E402
 
 H100_BF16_TFLOPS = 989.0
 GDN_CHUNK = 64
@@ -187,15 +195,23 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
     result = Result("ours", variant, name, sum(lengths), len(lengths), steps=steps)
 
     def run(result):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        dtype = torch.float32 if precision == "fp32m" else torch.bfloat16
         model = Qwen35ForCausalLM.from_config(config, device=device, dtype=dtype)
+        if precision == "qlora":
+            quantize_linear_layers(model, torch.bfloat16)
+        if precision in ("lora", "qlora"):
+            apply_lora(model, LoraSettings(rank=16, alpha=32, target_modules=LoraConfig().target_modules))
         apply_activation_checkpointing(model, ac)
         if "compile" in rest:
             compile_layers(model)
         fused = device.type == "cuda"
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=fused or None)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if precision == "offload":
+            optimizer = OffloadedAdamW(trained, lr=1e-5, weight_decay=0.1)
+        else:
+            optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.1, fused=fused or None)
         batch = packed_batch(config.vocab_size, lengths, device)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "fp32m"
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision != "bf16"
                     else contextlib.nullcontext())
 
         def step():

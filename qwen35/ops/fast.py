@@ -25,6 +25,12 @@ cached per shape): fla autotunes every kernel variant on first use, keyed on hea
 varlen-or-not, which costs minutes on a fresh machine; one variant is enough.
 
 Inputs on the CPU, or in a dtype flash attention lacks, go to the reference op.
+
+torch.compile: the ops that read the document lengths on the host are `torch.compiler.disable`d,
+so a compiled decoder layer calls them as opaque functions. Traced, the host view's identity
+check and fla's `prepare_chunk_indices` became guards that failed on every new batch and every
+autocast state, and the layers recompiled until dynamo gave up (fp32 masters under autocast
+ran slower compiled than eager).
 """
 
 from __future__ import annotations
@@ -103,6 +109,7 @@ def _on_gpu(*tensors) -> bool:
 # --- gated delta rule -----------------------------------------------------------------------
 
 
+@torch.compiler.disable
 def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False):
     """fla's chunked kernel; see `qwen35.ops.delta_rule.gated_delta_rule` for the contract."""
     if not _on_gpu(q, k, v):
@@ -123,6 +130,7 @@ def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, outp
 # --- causal conv1d --------------------------------------------------------------------------
 
 
+@torch.compiler.disable
 def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_state=False):
     """fla's triton conv with SiLU; see `qwen35.ops.conv.causal_conv1d` for the contract."""
     if not _on_gpu(x):
@@ -162,6 +170,7 @@ def _compute_dtype(*tensors) -> torch.dtype:
     return tensors[-1].dtype
 
 
+@torch.compiler.disable
 def causal_attention(q, k, v, cu_seqlens=None, scale=None):
     """Flash attention on the packed row; see `qwen35.ops.attention.causal_attention`."""
     dtype = _compute_dtype(q, k, v)

@@ -119,6 +119,9 @@ class OptimConfig:
     scheduler: Literal["cosine", "linear", "constant"] = option(
         "cosine", "Learning-rate decay after warmup")
     warmup_steps: int = option(0, "Steps of linear warmup from 0 to lr")
+    cpu_offload: bool = option(
+        False, "One process: float32 master weights and AdamW state in CPU memory, bf16 weights and "
+               "gradients on the GPU (9B on one 80 GB GPU); several: see parallel.cpu_offload")
 
 
 @dataclass

@@ -13,13 +13,70 @@ import math
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float,
+                    cpu_offload: bool = False) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cpu_offload:
+        return OffloadedAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+class OffloadedAdamW(torch.optim.Optimizer):
+    """AdamW whose float32 master weights and moments live in CPU memory (ZeRO-Offload's split).
+
+    The model's parameters (on the GPU, bf16) are what forward and backward use; each step moves
+    a parameter's gradient to the CPU, updates the float32 master there with torch's AdamW
+    arithmetic, and copies the master back into the parameter. GPU memory per parameter: 2 bytes
+    of weight + 2 of gradient instead of 16; the CPU holds 12 (master, two moments). One
+    parameter's gradient is on the CPU at a time. Parameters that are float32 in the model (A_log,
+    the GDN norm weight) are their own masters' exact copies. The state is an ordinary optimizer
+    state dict (`master`, `exp_avg`, `exp_avg_sq`, `step` per parameter), so DCP checkpoints it.
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            master = p.detach().to("cpu", torch.float32, copy=True)
+            state.update(master=master, exp_avg=torch.zeros_like(master), exp_avg_sq=torch.zeros_like(master),
+                         step=torch.zeros((), dtype=torch.float32))
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that the state stays float32 on the CPU (torch's would cast every
+        state tensor to its parameter's dtype and device: bf16, on the GPU)."""
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id in state_dict["state"]:
+                self.state[p] = {k: v.to("cpu", copy=True) for k, v in state_dict["state"][saved_id].items()}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state(p)
+                master, exp_avg, exp_avg_sq = state["master"], state["exp_avg"], state["exp_avg_sq"]
+                grad = p.grad.to("cpu", torch.float32)
+                state["step"] += 1
+                step = float(state["step"])
+                master.mul_(1 - lr * weight_decay)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                master.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+                p.copy_(master, non_blocking=True)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:

@@ -82,6 +82,9 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
 
     from qwen35.train import builtin
 
+    if cfg.optim.cpu_offload and rt.world_size > 1:
+        raise ValueError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
+
     def parallelize(model):  # adapters, then torchtitan's order: checkpointing, compile, FSDP
         if cfg.lora.rank:
             apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
@@ -99,11 +102,11 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
         if cfg.lora.quantize_base == "nf4":
             if rt.world_size > 1:
                 raise ValueError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
-            model = Qwen35ForCausalLM.from_pretrained(path, dtype=_frozen_base_dtype(cfg, rt), device=rt.device)
+            model = Qwen35ForCausalLM.from_pretrained(path, dtype=_parameter_dtype(cfg, rt), device=rt.device)
             quantize_linear_layers(model, rt.autocast_dtype or torch.float32)
             parallelize(model)
         else:
-            model = Qwen35ForCausalLM.from_pretrained(path, dtype=_frozen_base_dtype(cfg, rt), device=rt.device,
+            model = Qwen35ForCausalLM.from_pretrained(path, dtype=_parameter_dtype(cfg, rt), device=rt.device,
                                                       parallelize=parallelize)
             reset_lora_parameters(model)  # adapters are not in the checkpoint
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -111,17 +114,18 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
         # Random weights: every rank draws the same full model from the seed, then keeps its shards.
         tokenizer = builtin.tokenizer(cfg)
         config = preset(cfg.model.preset) if cfg.model.preset else builtin.model_config(tokenizer)
-        model = Qwen35ForCausalLM.from_config(config, device=rt.device)
+        model = Qwen35ForCausalLM.from_config(config, device=rt.device, dtype=_parameter_dtype(cfg, rt))
         parallelize(model)
     model.train()
     return model, tokenizer
 
 
-def _frozen_base_dtype(cfg: RunConfig, rt: Runtime) -> torch.dtype:
-    """float32 master weights, except a frozen base under bf16 compute on one device: stored in
-    bf16, which autocast would cast it to anyway (the float32 parameters of DESIGN §3 stay
-    float32). Under FSDP the base stays float32, one dtype per sharded group."""
-    if cfg.lora.rank and rt.autocast_dtype is not None and rt.world_size == 1:
+def _parameter_dtype(cfg: RunConfig, rt: Runtime) -> torch.dtype:
+    """float32 master weights, unless they are elsewhere on one device under bf16 compute: a
+    frozen base (LoRA) needs none, and `optim.cpu_offload` keeps them in the optimizer. The model
+    then holds bf16, which autocast would cast to anyway (the float32 parameters of DESIGN §3 stay
+    float32). Under FSDP the parameters stay float32, one dtype per sharded group."""
+    if (cfg.lora.rank or cfg.optim.cpu_offload) and rt.autocast_dtype is not None and rt.world_size == 1:
         return rt.autocast_dtype
     return torch.float32
 

@@ -99,7 +99,8 @@ def train(cfg: RunConfig) -> TrainResult:
     steps_per_epoch = max(1, data.train_rows // cfg.train.global_batch_size)
     total_steps = cfg.train.max_steps or cfg.train.num_epochs * steps_per_epoch
 
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
+                                cfg.optim.cpu_offload)
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, total_steps, cfg.optim.scheduler, cfg.optim.min_lr_ratio)
     step = 0
     resume_from = _resume_path(cfg, out_dir)

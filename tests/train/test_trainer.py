@@ -5,7 +5,7 @@ import json
 import torch
 from transformers import Qwen3_5ForCausalLM
 
-from reference import tiny_model_dir
+from reference import read_safetensors, tiny_model_dir
 from qwen35 import Qwen35ForCausalLM
 from qwen35.data.task import build_task
 from qwen35.train.config import load_run_config
@@ -120,3 +120,17 @@ def test_qlora_run_learns_and_resumes_from_adapter_only_checkpoints(tmp_path):
     assert sorted(got) == list(range(7, 13))
     assert all(abs(got[s] - curve[s]) <= 1e-6 * curve[s] for s in got)
     assert (resumed.export_dir / "adapter_model.safetensors").is_file()
+
+
+def test_cpu_offloaded_optimizer_run_learns_with_bf16_weights_and_resumes_identically(tmp_path):
+    flags = ["--optim.cpu_offload", "true", "--model.dtype", "bfloat16", "--train.save_steps", "6",
+             "--checkpoint.keep_last", "0"]
+    full = train(run_config(tmp_path, *flags))
+    curve = losses(full.output_dir)
+    assert curve[12] < 0.7 * curve[1]
+    resumed = train(run_config(tmp_path, *flags, "--train.output_dir", str(tmp_path / "resumed"),
+                               "--train.resume", str(full.output_dir / "checkpoints" / "step_00000006")))
+    got = losses(resumed.output_dir)
+    assert sorted(got) == list(range(7, 13)) and all(got[s] == curve[s] for s in got)
+    exported = read_safetensors(full.export_dir)
+    assert exported["model.layers.0.linear_attn.A_log"].dtype == torch.float32
