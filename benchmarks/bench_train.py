@@ -114,6 +114,7 @@ class Result:
 
 
 def _cleanup():
+    torch._dynamo.reset()  # each configuration compiles afresh (no recompile limit carried over)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
