@@ -121,6 +121,11 @@ def _cleanup():
         torch.cuda.reset_peak_memory_stats()
 
 
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -203,6 +208,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
         if precision in ("lora", "qlora"):
             apply_lora(model, LoraSettings(rank=16, alpha=32, target_modules=LoraConfig().target_modules))
         apply_activation_checkpointing(model, ac)
+        _reset_peak(device)  # construction (random init in float32) is not training
         if "compile" in rest:
             compile_layers(model)
         fused = device.type == "cuda"
@@ -266,6 +272,7 @@ def run_peer(config, name, variant, length, steps, warmup, device) -> Result:
 
     def run(result):
         model = build_peer(config, device, liger=kernels == "liger")
+        _reset_peak(device)
         if ac != "none":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
@@ -437,7 +444,7 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--docs", nargs="+", type=int, default=[4], help="documents per packed row (ours)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--ours", nargs="+", default=["fp32m:none", "fp32m:selective", "fp32m:full", "bf16:none"])
+    p.add_argument("--ours", nargs="*", default=["fp32m:none", "fp32m:selective", "fp32m:full", "bf16:none"])
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--peer-variants", nargs="+", default=["liger:none"])
     p.add_argument("--peer-reference", default="liger:none", help="the peer variant the ratio divides by")
