@@ -15,6 +15,7 @@ Everything is a pure function of the seed: the same call writes byte-identical f
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -99,7 +100,9 @@ def build_task(directory: str | Path, n_train: int = 20000, n_val: int = 500, se
     files = TaskFiles(directory / "train.jsonl", directory / "val.jsonl")
     for path, problems in ((files.train, train), (files.val, val)):
         lines = (json.dumps(to_record(p, i)) + "\n" for i, p in enumerate(problems))
-        path.write_text("".join(lines))
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text("".join(lines))
+        partial.replace(path)  # atomic: ranks of a torchrun job may all write the same file
     return files
 
 

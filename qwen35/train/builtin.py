@@ -88,7 +88,8 @@ def evaluate_model_dir(model_dir: str, data: str | None = None, limit: int | Non
 
 def run_default_or_train(cfg: RunConfig):
     """Trains `cfg`; without `data.train_path`, first generates the built-in task and then
-    reports its held-out accuracy before and after training."""
+    reports its held-out accuracy before and after training (not for a random `model.preset`,
+    whose size makes the untrained evaluation slow and its result meaningless)."""
     from qwen35.train.setup import Runtime, load_model_and_tokenizer
     from qwen35.train.trainer import train
 
@@ -96,6 +97,8 @@ def run_default_or_train(cfg: RunConfig):
         return train(cfg)
     files = build_task(_builtin_dir(cfg) / "task")
     cfg = replace(cfg, data=replace(cfg.data, train_path=str(files.train), val_path=str(files.val), val_fraction=0.0))
+    if cfg.model.preset:  # random weights at a real size: the task is only data, no accuracy report
+        return train(cfg)
     torch.manual_seed(cfg.train.seed)  # the trainer draws the same initial weights from this seed
     untrained, tok = load_model_and_tokenizer(cfg, Runtime(torch.device("cpu"), 0, 1, None))
     before = task_accuracy(untrained, tok, files.val)
