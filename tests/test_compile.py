@@ -33,7 +33,7 @@ def _loss_and_grads(model):
     return out.loss.detach(), grads
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "offload"])
 def test_checkpointing_gives_the_same_loss_and_gradients(mode):
     plain = _tiny_model()
     loss_plain, grads_plain = _loss_and_grads(plain)

@@ -13,6 +13,9 @@ Checkpointing modes:
 - "selective": the backward reruns the cheap elementwise work (norms, rotary, SiLU, gates,
   casts) but keeps the outputs of matrix products and of flash attention, which are expensive
   to redo. GDN's fla kernels are rerun (they are opaque triton launches, not dispatcher ops).
+- "offload": "full", with each layer's kept input moved to CPU memory until its backward (for
+  the longest contexts: the GPU then holds one layer's working set, not one input per layer).
+  The input's gradient takes the same way back.
 - "none": nothing.
 
 Compiling fuses the elementwise chains between the matmuls. fla's kernels are not traceable
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-AC_MODES = ("none", "full", "selective")
+AC_MODES = ("none", "full", "selective", "offload")
 
 
 def _expensive_ops() -> set:
@@ -53,14 +56,20 @@ def _save_matmuls_policy(save: set):
     return policy
 
 
-def _checkpointed(layer: nn.Module, context_fn) -> None:
+def _checkpointed(layer: nn.Module, context_fn, offload: bool = False) -> None:
     inner = layer.forward
     options = {} if context_fn is None else {"context_fn": context_fn}  # dynamo wants no default
 
     def forward(*args, **kwargs):
         return checkpoint(inner, *args, use_reentrant=False, **options, **kwargs)
 
-    layer.forward = forward
+    def offloaded_forward(x, *args, **kwargs):
+        def from_host(kept, *rest, **kw):
+            return inner(kept.to(x.device, non_blocking=True), *rest, **kw)
+
+        return checkpoint(from_host, x.to("cpu"), *args, use_reentrant=False, **kwargs)
+
+    layer.forward = offloaded_forward if offload else forward
     layer.activation_checkpointing = True
 
 
@@ -74,14 +83,14 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> nn.M
         raise ValueError(f"unknown activation checkpointing mode {mode!r}; choose one of {', '.join(AC_MODES)}")
     if mode == "none":
         return model
-    if mode == "full":
+    if mode in ("full", "offload"):
         context_fn = None
     else:
         context_fn = functools.partial(create_selective_checkpoint_contexts, _save_matmuls_policy(_expensive_ops()))
     for layer in _layers(model):
         if getattr(layer, "activation_checkpointing", False):
             raise ValueError("activation checkpointing is already applied to this model")
-        _checkpointed(layer, context_fn)
+        _checkpointed(layer, context_fn, offload=mode == "offload")
     return model
 
 

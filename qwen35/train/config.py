@@ -103,6 +103,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile each decoder layer (fuses the elementwise work)")
     activation_checkpointing: bool = option(
         False, "Recompute each block's activations in the backward pass to save memory")
+    offload_activations: bool = option(
+        False, "With activation_checkpointing: keep each block's input in CPU memory (the longest contexts)")
     router_z_loss_coef: float = option(
         0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2) added to the loss; 0: off")
 
@@ -233,6 +235,8 @@ def _check(cfg: RunConfig) -> None:
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout must be in [0, 1)")
     need(cfg.lora.rank == 0 or bool(cfg.lora.target_modules or cfg.lora.target_parameters),
          "lora.rank > 0 needs lora.target_modules or lora.target_parameters")
+    need(not cfg.train.offload_activations or cfg.train.activation_checkpointing,
+         "train.offload_activations needs train.activation_checkpointing")
     need(cfg.lora.quantize_base == "none" or cfg.lora.rank > 0, "lora.quantize_base needs lora.rank > 0 (QLoRA)")
     need(not (cfg.lora.target_parameters and cfg.lora.dropout),
          "lora.dropout must be 0 with lora.target_parameters (as in PEFT)")

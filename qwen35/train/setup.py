@@ -49,7 +49,8 @@ class Runtime:
         else:
             device = torch.device("cpu")
         if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    device_id=device if device.type == "cuda" else None)
         wants_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device.type == "cuda")
         if cfg.model.kernels == "fast":
             ops.use_backend("fast", strict=True)
@@ -90,7 +91,7 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
             apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
                                            list(cfg.lora.target_modules), list(cfg.lora.target_parameters)))
         if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
         if cfg.train.compile:
             compile_layers(model)
         if rt.world_size > 1:
