@@ -29,6 +29,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -150,10 +151,17 @@ def quantize_linear_layers(model: nn.Module, compute_dtype: torch.dtype) -> nn.M
 
 @torch.no_grad()
 def reset_lora_parameters(model: nn.Module) -> None:
-    """PEFT's initialisation: A Kaiming-uniform, B zero. Also after meta construction."""
+    """PEFT's initialisation: A Kaiming-uniform, B zero. Also after meta construction.
+
+    A is drawn whole on the CPU from torch's global generator and each rank keeps its part, so
+    the adapters start the same on any number of ranks (a sharded draw would differ)."""
     for module in model.modules():
         if hasattr(module, "lora_A") and not module.lora_A.weight.is_meta:
-            nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
+            a = module.lora_A.weight
+            full = nn.init.kaiming_uniform_(torch.empty(a.shape, dtype=a.dtype), a=math.sqrt(5))
+            if isinstance(a, DTensor):
+                full = distribute_tensor(full.to(a.device_mesh.device_type), a.device_mesh, a.placements)
+            a.copy_(full)
             nn.init.zeros_(module.lora_B.weight)
 
 

@@ -28,7 +28,7 @@ def _loss_and_grads(model):
     ids, cu = _packed_batch()
     out = model(ids, cu_seqlens=cu, labels=ids)
     out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     return out.loss.detach(), grads
 
@@ -75,3 +75,25 @@ def test_compiled_layers_give_the_same_loss_and_keep_names(mode):
     torch.testing.assert_close(loss, loss_plain, rtol=1e-6, atol=1e-6)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lora_adapters_compose_with_checkpointing_and_compile():
+    from qwen35.lora import LoraSettings, apply_lora
+
+    def adapted():
+        model = _tiny_model()
+        apply_lora(model, LoraSettings(rank=2, alpha=4, target_modules=["q_proj", "in_proj_qkv", "down_proj"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+        return model
+
+    loss_plain, grads_plain = _loss_and_grads(adapted())
+    wrapped = compile_layers(apply_activation_checkpointing(adapted(), "full"), backend="aot_eager")
+    loss, grads = _loss_and_grads(wrapped)
+    torch.testing.assert_close(loss, loss_plain, rtol=1e-6, atol=1e-6)
+    assert {n for n, g in grads.items() if g is not None} == {n for n in grads if "lora_" in n}
+    for name, grad in grads_plain.items():
+        if grad is not None:
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -35,9 +35,14 @@ def forward_backward(
     global_count: Callable[[torch.Tensor], torch.Tensor] = lambda n: n,
     autocast_dtype: torch.dtype | None = None,
     router_z_loss_coef: float = 0.0,
+    data_parallel_size: int = 1,
 ) -> StepResult:
     """Accumulates the gradient of (step loss sum / step loss tokens), plus for MoE models the
-    router losses (per-micro-batch means, averaged over the step)."""
+    router losses (per-micro-batch means, averaged over the step's micro-batches on every rank).
+
+    FSDP averages the ranks' gradients; each rank's backward therefore runs on its share of the
+    step's loss times `data_parallel_size`, so that the average is the whole step's gradient,
+    exactly what one process computes (and what clipping and the logged grad norm see)."""
     count = global_count(sum(count_loss_tokens(b) for b in micro_batches)).clamp(min=1)
     total = torch.zeros((), device=count.device)
     router = None
@@ -47,7 +52,7 @@ def forward_backward(
                     else contextlib.nullcontext())
         with autocast:
             out = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"), labels=batch["labels"])
-        loss = out.loss_sum / count
+        loss = out.loss_sum / count * data_parallel_size
         if out.router is not None:
             aux, z = out.router.aux_loss / len(micro_batches), out.router.z_loss / len(micro_batches)
             loss = loss + model.config.router_aux_loss_coef * aux + router_z_loss_coef * z

@@ -125,7 +125,8 @@ def train(cfg: RunConfig) -> TrainResult:
         while step < total_steps:
             start = time.perf_counter()
             micro = [_to_device(next(batches), rt.device) for _ in range(accumulation)]
-            result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.train.router_z_loss_coef)
+            result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.train.router_z_loss_coef,
+                                      rt.world_size)
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
