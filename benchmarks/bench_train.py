@@ -89,7 +89,11 @@ def model_flops(config: Qwen35Config, nonembedding_params: int, lengths: list[in
     return float(dense + attention + gdn)
 
 
-def nonembedding(model: torch.nn.Module) -> int:
+def nonembedding(config: Qwen35Config) -> int:
+    """Parameters outside embedding and head, counted on a meta model of `config` (a quantized
+    model's packed weights would undercount them)."""
+    with torch.device("meta"):
+        model = Qwen35ForCausalLM(config)
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
 
@@ -229,7 +233,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
             optimizer.zero_grad(set_to_none=True)
 
         seconds = _timed_steps(step, steps, warmup, device)
-        _fill(result, seconds, model_flops(config, nonembedding(model), lengths), device)
+        _fill(result, seconds, model_flops(config, nonembedding(config), lengths), device)
         if PROFILE and device.type == "cuda":
             _profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs", device)
 
@@ -285,7 +289,7 @@ def run_peer(config, name, variant, length, steps, warmup, device) -> Result:
             optimizer.zero_grad(set_to_none=True)
 
         seconds = _timed_steps(step, steps, warmup, device)
-        _fill(result, seconds, model_flops(config, nonembedding(model), [length]), device)
+        _fill(result, seconds, model_flops(config, nonembedding(config), [length]), device)
         if PROFILE and device.type == "cuda":
             _profile(step, f"peer {variant} {name} {length}", device)
 
