@@ -161,9 +161,14 @@ _SIZES = {
     "9B": (4096, 32, 16, 4, 12288, 32, False),
     "27B": (5120, 64, 24, 4, 17408, 48, False),
     "35B-A3B": (2048, 40, 16, 2, 0, 32, False),  # MoE: 256 experts, top 8, expert and shared dim 512
+    # MoE: 256 experts, top 8, expert and shared dim 1024. Recalled from the published config, not
+    # checked against a file here (≈ 122B parameters, ≈ 10B active, as the name says).
+    "122B-A10B": (3072, 48, 32, 2, 0, 64, False),
 }
 _MOE = {"35B-A3B": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
-                        shared_expert_intermediate_size=512)}
+                        shared_expert_intermediate_size=512),
+        "122B-A10B": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1024,
+                          shared_expert_intermediate_size=1024)}
 PRESETS = tuple(_SIZES)
 
 

@@ -79,3 +79,18 @@ def test_router_z_loss_and_tokens_per_expert(tmp_path):
     assert counts.shape == (len(ours.model.layers), 4)
     assert torch.equal(counts.sum(dim=1), torch.full((len(ours.model.layers),), 80.0 * 2))  # top-2 of 80 tokens
     assert out.router.z_loss.requires_grad and not counts.requires_grad
+
+
+def test_moe_presets_have_the_sizes_their_names_say():
+    from qwen35 import preset
+
+    for name, total, active in (("35B-A3B", 35e9, 3e9), ("122B-A10B", 122e9, 10e9)):
+        config = preset(name)
+        with torch.device("meta"):
+            model = Qwen35ForCausalLM(config)
+        params = dict(model.named_parameters())
+        routed = sum(p.numel() for n, p in params.items() if ".experts." in n)
+        all_params = sum(p.numel() for p in params.values())
+        per_token = all_params - routed + routed * config.num_experts_per_tok // config.num_experts
+        assert abs(all_params / total - 1) < 0.05, (name, all_params)
+        assert abs(per_token / active - 1) < 0.25, (name, per_token)
