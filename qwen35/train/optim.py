@@ -68,15 +68,13 @@ class OffloadedAdamW(torch.optim.Optimizer):
                     continue
                 state = self._state(p)
                 master, exp_avg, exp_avg_sq = state["master"], state["exp_avg"], state["exp_avg_sq"]
-                grad = p.grad.to("cpu", torch.float32)
+                grad = p.grad.to("cpu").float()  # moved in the parameter's dtype (bf16: half the bytes)
                 state["step"] += 1
-                step = float(state["step"])
-                master.mul_(1 - lr * weight_decay)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-                master.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
-                p.copy_(master, non_blocking=True)
+                # torch's fused AdamW kernel (the CPU one here): one pass over the parameter
+                torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [state["step"]], lr=lr,
+                                    beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                                    amsgrad=False, maximize=False)
+                p.copy_(master.to(p.dtype))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
