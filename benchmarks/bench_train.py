@@ -25,11 +25,8 @@ fla's GDN kernel (picked up by transformers when importable), Liger's kernels
 holding the same tokens as one sequence (transformers' GDN path cannot keep packed documents
 apart), optionally with gradient checkpointing (`--peer-ac`).
 
-MFU is model FLOPs (recomputation not counted) per second against 989 TFLOP/s (H100 bf16 dense):
-    6 * N_nonembedding * T                           every weight matmul, forward and backward
-  + 6 * V * H * T                                    lm_head (counted even when tied)
-  + n_attn * 6 * H_q * D * sum_d L_d (L_d + 1)       causal softmax attention per document d
-  + n_gdn * 3 * T * Hv * (6 Dk Dv + 2 C (3 Dk + 2 Dv))   chunked gated delta rule, chunk C = 64
+MFU is model FLOPs (recomputation not counted, `qwen35.train.flops.step_flops`, the same count
+the trainer logs) per second against 989 TFLOP/s (H100 bf16 dense).
 """
 
 from __future__ import annotations
@@ -53,10 +50,9 @@ from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset  # noqa: E402
 from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers  # noqa: E402
 from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers  # noqa: E402
 from qwen35.train.config import LoraConfig  # noqa: E402
+from qwen35.train.flops import PEAK_BF16_FLOPS, step_flops  # noqa: E402
 from qwen35.train.optim import OffloadedAdamW  # noqa: E402
 
-H100_BF16_TFLOPS = 989.0
-GDN_CHUNK = 64
 
 
 # --- workload -------------------------------------------------------------------------------
@@ -76,25 +72,6 @@ def packed_batch(vocab: int, lengths: list[int], device) -> dict:
     ids = torch.randint(0, vocab, (1, sum(lengths)), device=device, generator=gen)
     cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
     return {"input_ids": ids, "labels": ids, "cu_seqlens": cu if len(lengths) > 1 else None}
-
-
-def model_flops(config: Qwen35Config, nonembedding_params: int, lengths: list[int]) -> float:
-    tokens = sum(lengths)
-    n_attn = config.layer_types.count("full_attention")
-    n_gdn = config.layer_types.count("linear_attention")
-    dk, dv, hv = config.linear_key_head_dim, config.linear_value_head_dim, config.linear_num_value_heads
-    dense = 6 * nonembedding_params * tokens + 6 * config.vocab_size * config.hidden_size * tokens
-    attention = n_attn * 6 * config.num_attention_heads * config.head_dim * sum(n * (n + 1) for n in lengths)
-    gdn = n_gdn * 3 * tokens * hv * (6 * dk * dv + 2 * GDN_CHUNK * (3 * dk + 2 * dv))
-    return float(dense + attention + gdn)
-
-
-def nonembedding(config: Qwen35Config) -> int:
-    """Parameters outside embedding and head, counted on a meta model of `config` (a quantized
-    model's packed weights would undercount them)."""
-    with torch.device("meta"):
-        model = Qwen35ForCausalLM(config)
-    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
 
 # --- results --------------------------------------------------------------------------------
@@ -233,7 +210,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
             optimizer.zero_grad(set_to_none=True)
 
         seconds = _timed_steps(step, steps, warmup, device)
-        _fill(result, seconds, model_flops(config, nonembedding(config), lengths), device)
+        _fill(result, seconds, step_flops(config, lengths), device)
         if PROFILE and device.type == "cuda":
             _profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs", device)
 
@@ -243,7 +220,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
 def _fill(result: Result, seconds: float, flops: float, device) -> None:
     result.step_ms = seconds * 1e3
     result.tokens_per_s = result.seq_len / seconds
-    result.mfu = flops / seconds / (H100_BF16_TFLOPS * 1e12)
+    result.mfu = flops / seconds / PEAK_BF16_FLOPS
     result.peak_gib = _peak_gib(device)
 
 
@@ -289,7 +266,7 @@ def run_peer(config, name, variant, length, steps, warmup, device) -> Result:
             optimizer.zero_grad(set_to_none=True)
 
         seconds = _timed_steps(step, steps, warmup, device)
-        _fill(result, seconds, model_flops(config, nonembedding(config), [length]), device)
+        _fill(result, seconds, step_flops(config, [length]), device)
         if PROFILE and device.type == "cuda":
             _profile(step, f"peer {variant} {name} {length}", device)
 

@@ -1,33 +1,52 @@
-"""Training FLOPs per token, for MFU.
+"""Model FLOPs of a training step, for MFU (recomputation not counted).
 
-Per token, a matrix product with an `m x n` weight costs 2mn FLOPs forward and 4mn backward:
-6 x (parameters in matrix products), the output head included and the embedding lookup not.
-Softmax attention adds, per attention layer, 2 products of the query with `seq_len / 2` keys on
-average (causal), each `heads x head_dim` wide: 6 x 2 x heads x head_dim x seq_len / 2 x 2.
-The gated delta rule's chunked form costs, per token and value head, about 4 products of
-`key_dim x value_dim` (state read, state write, and the intra-chunk terms): 6 x 4 x Hv x Dk x Dv
-per GDN layer (small next to the projections at these sizes).
+Per step of T tokens in documents of lengths L_d (docs/gpu.md#model-flops-and-mfu):
+
+    6 * N * T                                            weight matmuls, forward and backward
+  + 6 * V * H * T                                        output head (also when tied)
+  + n_attn * 6 * H_q * D * sum_d L_d (L_d + 1)           causal softmax attention per document
+  + n_gdn * 3 * T * Hv * (6 Dk Dv + 2 C (3 Dk + 2 Dv))   chunked gated delta rule, chunk C = 64
+
+N is the parameters outside the embedding and head, the routed experts counted at top-k / E
+(what one token runs through), read off a meta-device model of the config.
 """
 
 from __future__ import annotations
 
+import torch
+
 from qwen35.model.config import Qwen35Config
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16
+GDN_CHUNK = 64
+
+
+def active_parameters(config: Qwen35Config) -> int:
+    from qwen35.model.model import Qwen35ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen35ForCausalLM(config)
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or "lm_head" in name:
+            continue
+        routed = ".experts." in name and "shared_expert" not in name
+        total += p.numel() * config.num_experts_per_tok // config.num_experts if routed else p.numel()
+    return total
+
+
+def step_flops(config: Qwen35Config, lengths: list[int]) -> float:
+    tokens = sum(lengths)
+    n_attn = config.layer_types.count("full_attention")
+    n_gdn = config.layer_types.count("linear_attention")
+    dk, dv, hv = config.linear_key_head_dim, config.linear_value_head_dim, config.linear_num_value_heads
+    dense = 6 * active_parameters(config) * tokens + 6 * config.vocab_size * config.hidden_size * tokens
+    attention = n_attn * 6 * config.num_attention_heads * config.head_dim * sum(n * (n + 1) for n in lengths)
+    gdn = n_gdn * 3 * tokens * hv * (6 * dk * dv + 2 * GDN_CHUNK * (3 * dk + 2 * dv))
+    return float(dense + attention + gdn)
 
 
 def flops_per_token(config: Qwen35Config, seq_len: int) -> float:
-    hidden = config.hidden_size
-    attn_inner = config.num_attention_heads * config.head_dim
-    kv_inner = config.num_key_value_heads * config.head_dim
-    key_dim = config.linear_num_key_heads * config.linear_key_head_dim
-    value_dim = config.linear_num_value_heads * config.linear_value_head_dim
-    mlp = 3 * hidden * config.intermediate_size
-    attention = hidden * (2 * attn_inner + 2 * kv_inner) + attn_inner * hidden
-    deltanet = hidden * (2 * key_dim + 2 * value_dim + 2 * config.linear_num_value_heads) + value_dim * hidden
-    n_attn = config.layer_types.count("full_attention")
-    n_gdn = config.num_hidden_layers - n_attn
-    matmul_params = config.num_hidden_layers * mlp + n_attn * attention + n_gdn * deltanet + hidden * config.vocab_size
-    attention_scores = n_attn * 6 * 2 * attn_inner * seq_len / 2
-    delta_rule = n_gdn * 6 * 4 * config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
-    return 6 * matmul_params + attention_scores + delta_rule
+    """Per token of rows `seq_len` long, counted as one document each (packed rows of shorter
+    documents do less attention work: MFU then reads a little high)."""
+    return step_flops(config, [seq_len]) / seq_len
