@@ -146,3 +146,12 @@ def test_qlora_base_is_nf4_and_equals_its_dequantized_weights_plus_adapter(tmp_p
     out.loss.backward()
     trained = {n for n, p in qlora.named_parameters() if p.grad is not None}
     assert trained == {n for n, _ in qlora.named_parameters() if "lora_" in n}
+
+
+def test_expert_adapters_refuse_dropout_as_peft_does(tmp_path):
+    import pytest
+    from reference import hf_moe_model
+
+    ours = ours_from_hf(hf_moe_model(), tmp_path)
+    with pytest.raises(ValueError, match="lora.dropout must be 0"):
+        apply_lora(ours, LoraSettings(rank=2, alpha=4, dropout=0.1, target_parameters=EXPERTS))

@@ -238,8 +238,6 @@ def _check(cfg: RunConfig) -> None:
     need(not cfg.train.offload_activations or cfg.train.activation_checkpointing,
          "train.offload_activations needs train.activation_checkpointing")
     need(cfg.lora.quantize_base == "none" or cfg.lora.rank > 0, "lora.quantize_base needs lora.rank > 0 (QLoRA)")
-    need(not (cfg.lora.target_parameters and cfg.lora.dropout),
-         "lora.dropout must be 0 with lora.target_parameters (as in PEFT)")
     need(cfg.lora.rank == 0 or cfg.model.path is not None,
          "lora.rank > 0 needs model.path: adapters fine-tune a checkpoint")
     need(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")

@@ -100,15 +100,16 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
 
     if cfg.model.path:
         path = Path(cfg.model.path)
-        if cfg.lora.quantize_base == "nf4":
-            if rt.world_size > 1:
-                raise ValueError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
-            model = Qwen35ForCausalLM.from_pretrained(path, dtype=_parameter_dtype(cfg, rt), device=rt.device)
+        qlora = cfg.lora.quantize_base == "nf4"
+        if qlora and rt.world_size > 1:
+            raise ValueError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
+        # QLoRA quantizes the loaded weights, so it parallelizes (adds adapters) after loading.
+        model = Qwen35ForCausalLM.from_pretrained(path, dtype=_parameter_dtype(cfg, rt), device=rt.device,
+                                                  parallelize=None if qlora else parallelize)
+        if qlora:
             quantize_linear_layers(model, rt.autocast_dtype or torch.float32)
             parallelize(model)
         else:
-            model = Qwen35ForCausalLM.from_pretrained(path, dtype=_parameter_dtype(cfg, rt), device=rt.device,
-                                                      parallelize=parallelize)
             reset_lora_parameters(model)  # adapters are not in the checkpoint
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:

@@ -172,9 +172,11 @@ def train(cfg: RunConfig) -> TrainResult:
 def _router_scalars(router: dict, world_size: int) -> dict:
     """MoE balance over all ranks: the router losses (mean over ranks), and the busiest and
     idlest expert of any layer as a multiple of an even share (1.0 = perfectly balanced)."""
-    counts = _global_count(router["tokens_per_expert"])  # [layers, E]
+    losses = torch.stack([router["aux_loss"], router["z_loss"]])
+    summed = _global_count(torch.cat([losses, router["tokens_per_expert"].flatten()]))  # one all-reduce
+    counts = summed[2:].view_as(router["tokens_per_expert"])  # [layers, E]
     share = counts / counts.mean(dim=-1, keepdim=True).clamp(min=1)
-    aux, z = (float(_global_count(router[k])) / world_size for k in ("aux_loss", "z_loss"))
+    aux, z = (summed[:2] / world_size).tolist()
     return {"moe_aux_loss": aux, "moe_z_loss": z,
             "expert_load_max": float(share.max()), "expert_load_min": float(share.min())}
 
