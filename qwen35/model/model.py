@@ -25,7 +25,11 @@ IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
-    """Zero-centred RMSNorm: `norm(x) * (1 + w)` in float32, cast back after the multiply."""
+    """Zero-centred RMSNorm: `norm(x) * (1 + w)` in float32, cast back after the multiply.
+
+    Through torch's `rms_norm` (autocast off, so float32 whatever autocast's policy), which keeps
+    only its input and one rstd per row for the backward, not a float32 copy of the output.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -33,12 +37,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.rms_norm(x.float(), self.weight.shape, 1.0 + self.weight.float(), self.eps)
+        return y.type_as(x)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
+
+
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """`x` in autocast's dtype when autocast is on, else as is. Autocast would cast it the same
+    way inside each projection, but each projection then keeps its own copy for the backward."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
 
 def rotary_tables(config: Qwen35Config, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,14 +153,14 @@ class DecoderLayer(nn.Module):
     def forward(self, x, rotary, cu_seqlens=None, cache=None, cache_slots=None, cache_lengths=None,
                 router_logits: list | None = None):
         """`router_logits`, when given, collects an MoE layer's router logits."""
-        h = self.input_layernorm(x)
+        h = autocast_input(self.input_layernorm(x))
         if self.layer_type == "linear_attention":
             h = self.linear_attn(h, cu_seqlens, cache)
         else:
             h = self.self_attn(h, rotary, cu_seqlens, cache, cache_slots, cache_lengths)
         x = x + h
         if not self.is_moe:
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return x + self.mlp(autocast_input(self.post_attention_layernorm(x)))
         h, logits = self.mlp(self.post_attention_layernorm(x))
         if router_logits is not None:
             router_logits.append(logits)
