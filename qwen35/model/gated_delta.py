@@ -35,6 +35,10 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
+    # > 0: training rows longer than this run the delta rule slice by slice (`ops.slicing`); set
+    # by the longest-context checkpointing mode (`qwen35.parallel.compile`)
+    slice_tokens: int = 0
+
     def __init__(self, config: Qwen35Config):
         super().__init__()
         self.num_k_heads = config.linear_num_key_heads
@@ -80,9 +84,12 @@ class GatedDeltaNet(nn.Module):
         beta = self.in_proj_b(x_BTD).sigmoid()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BTD).float() + self.dt_bias)
 
-        o, recurrent_state = ops.gated_delta_rule(
-            q, k, v, g, beta, cu_seqlens, recurrent_state, output_final_state=want_state
-        )
+        if cache is None and 0 < self.slice_tokens < length:
+            o = ops.gated_delta_rule_in_slices(ops.gated_delta_rule, q, k, v, g, beta, cu_seqlens, self.slice_tokens)
+        else:
+            o, recurrent_state = ops.gated_delta_rule(
+                q, k, v, g, beta, cu_seqlens, recurrent_state, output_final_state=want_state
+            )
         if cache is not None:
             cache.update(conv_state, recurrent_state)
         z = self.in_proj_z(x_BTD).reshape(batch, length, self.num_v_heads, self.head_v_dim)

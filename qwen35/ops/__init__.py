@@ -23,6 +23,7 @@ from qwen35.ops import delta_rule as _delta_rule
 from qwen35.ops import moe as _moe
 from qwen35.ops import norm as _norm
 from qwen35.ops.attention import cached_attention
+from qwen35.ops.slicing import gated_delta_rule_in_slices
 
 BACKENDS = ("reference", "fast")
 
@@ -99,4 +100,5 @@ def routed_experts(x_ND, weights_NK, experts_NK, gate_up_EIH, down_EHI):
 __all__ = [
     "BACKENDS", "use_backend", "current_backend", "gated_delta_rule", "causal_conv1d",
     "causal_attention", "gated_rms_norm", "linear_cross_entropy", "routed_experts", "cached_attention",
+    "gated_delta_rule_in_slices",
 ]

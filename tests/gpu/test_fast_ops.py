@@ -82,6 +82,26 @@ def test_gated_delta_rule_matches_reference_with_states_and_grouped_values(fast_
     assert_all_close({"dstate0": (gf_all[5], gr_all[5])}, tol=5e-2)
 
 
+def test_gated_delta_rule_in_slices_matches_the_whole_reference_row(fast_backend):
+    """The longest-context mode's slices: fla from carried states (and back through them, dh0)
+    against the reference on the whole row. Borders at 128 and 256 cut two documents."""
+    from qwen35.ops import fast
+    from qwen35.ops.slicing import gated_delta_rule_in_slices
+
+    cu = cu_seqlens(DOCS)
+    q, k, v, beta, g = _gdn_inputs(1, sum(DOCS))
+    (qf, kf, vf, bf), (qr, kr, vr, br) = leaves(q, k, v, beta)
+    (gf,), (gr,) = leaves(g, dtype=torch.float32)
+    of = gated_delta_rule_in_slices(fast.gated_delta_rule, qf, kf, vf, gf, bf, cu, 128)
+    orf, _ = delta_rule.gated_delta_rule(qr, kr, vr, gr, br, cu)
+    do = torch.randn_like(orf)
+    gf_all = grads((of,), (do,), (qf, kf, vf, gf, bf))
+    gr_all = grads((orf,), (do,), (qr, kr, vr, gr, br))
+    assert_all_close({"o": (of, orf), **{n: (a, b) for n, a, b in zip(("dq", "dk", "dv", "dbeta"),
+                                                                        gf_all[:3] + gf_all[4:], gr_all[:3] + gr_all[4:])}})
+    assert_all_close({"dg": (gf_all[3], gr_all[3])}, tol=2e-2)
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_causal_conv1d_matches_reference_including_final_state(fast_backend, packed):
     from qwen35.ops import fast

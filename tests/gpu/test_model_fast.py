@@ -134,3 +134,40 @@ def test_qlora_step_on_the_fast_path_matches_the_dequantized_model(fast_backend)
     assert adapters and all(grads_q[n] is not None for n in adapters)
     assert rel_err(loss_q, loss_p) <= 1e-2
     assert rel_err(flat({n: grads_q[n] for n in adapters}), flat({n: grads_p[n] for n in adapters})) <= 2e-2
+
+
+def test_rms_norm_stays_float32_under_autocast():
+    from qwen35.model.model import RMSNorm
+
+    norm = RMSNorm(256, 1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(64, 256, device="cuda") * 3
+    exact = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)) * (1 + norm.weight.double())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)  # bf16 would be off by ~1e-2
+
+
+def test_offload_mode_keeps_no_layer_input_on_the_gpu(fast_backend):
+    """After the forward, "full" checkpointing holds each layer's float32 input on the GPU;
+    "offload" holds them in CPU memory, so the GPU holds about that much less."""
+    from qwen35.parallel.compile import apply_activation_checkpointing
+
+    config = Qwen35Config(**TINY)
+    ids = torch.randint(0, config.vocab_size, (1, 65536), device="cuda")
+    held, grads = {}, {}
+    for mode in ("full", "offload"):
+        model = apply_activation_checkpointing(build(config), mode, slice_tokens=16384)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        held[mode] = torch.cuda.memory_allocated() - before
+        loss.backward()
+        grads[mode] = flat({n: p.grad for n, p in model.named_parameters()})
+        del model, loss
+    inputs = config.num_hidden_layers * ids.numel() * config.hidden_size * 4
+    assert held["full"] - held["offload"] >= 0.9 * inputs, (held, inputs)
+    assert rel_err(grads["offload"], grads["full"]) <= 1e-2  # sliced delta rule and MLP: rounding only

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from qwen35.ops.delta_rule import chunked_gated_delta_rule, gated_delta_rule, recurrent_gated_delta_rule
+from qwen35.ops.slicing import gated_delta_rule_in_slices
 
 
 def _inputs(length, batch=2, key_heads=2, value_heads=4, dim=8, seed=0):
@@ -50,3 +51,49 @@ def test_continuing_from_a_state_equals_one_pass():
     head, state = gated_delta_rule(q[:, :20], k[:, :20], v[:, :20], g[:, :20], beta[:, :20], output_final_state=True)
     tail, _ = gated_delta_rule(q[:, 20:], k[:, 20:], v[:, 20:], g[:, 20:], beta[:, 20:], initial_state=state)
     assert (torch.cat([head, tail], dim=1) - full).abs().max().item() <= 1e-5
+
+
+# --- slice by slice (the longest-context mode): the same as the whole row ---------------------
+
+
+def _output_and_grads(run, inputs):
+    o = run(*inputs)
+    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(7))
+    grads = torch.autograd.grad((o * weights).sum(), inputs)
+    return o, grads
+
+
+@pytest.mark.parametrize("slice_tokens", [16, 20, 7, 100])
+def test_packed_row_in_slices_equals_the_whole_row(slice_tokens):
+    # documents of 20, 13, 1, 36 and 30 tokens: borders at 16 / 20 / 7 cut them, one spans 3+ slices
+    cu = torch.tensor([0, 20, 33, 34, 70, 100], dtype=torch.int32)
+    inputs = [x.requires_grad_() for x in _inputs(100, batch=1)]
+    whole = _output_and_grads(lambda *x: gated_delta_rule(*x, cu)[0], inputs)
+    sliced = _output_and_grads(
+        lambda *x: gated_delta_rule_in_slices(gated_delta_rule, *x, cu, slice_tokens), inputs)
+    torch.testing.assert_close(sliced[0], whole[0], rtol=1e-5, atol=1e-5)
+    for name, a, b in zip("q k v g beta".split(), sliced[1], whole[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_plain_batch_in_slices_equals_the_whole_batch():
+    inputs = [x.requires_grad_() for x in _inputs(50, batch=2)]
+    whole = _output_and_grads(lambda *x: gated_delta_rule(*x)[0], inputs)
+    sliced = _output_and_grads(lambda *x: gated_delta_rule_in_slices(gated_delta_rule, *x, None, 12), inputs)
+    torch.testing.assert_close(sliced[0], whole[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(sliced[1], whole[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_slices_really_start_from_the_carried_state():
+    """Dropping the carried state must change the result (the test above would not see a no-op)."""
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    inputs = _inputs(40, batch=1)
+    whole = gated_delta_rule(*inputs, cu)[0]
+
+    def forgetful(q, k, v, g, beta, cu_seqlens, initial_state=None, output_final_state=False):
+        return gated_delta_rule(q, k, v, g, beta, cu_seqlens, None, output_final_state)
+
+    sliced = gated_delta_rule_in_slices(forgetful, *inputs, cu, 16)
+    assert not torch.allclose(sliced[:, 16:], whole[:, 16:], atol=1e-3)
+    torch.testing.assert_close(sliced[:, :16], whole[:, :16])
