@@ -42,7 +42,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+# Both systems: rows of hundreds of thousands of tokens fragment the caching allocator's fixed
+# segments by several GiB otherwise. Read when CUDA initialises, so set before torch is imported.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -158,6 +162,59 @@ def _profile(step, label: str, device) -> None:
         print(f"[profile]   {e.self_device_time_total / 1e3:7.1f} ms  x{e.count:<4} {e.key[:90]}", flush=True)
 
 
+MEMORY_PROFILE = False  # --memory-profile: what is alive at the peak of one step, by where it was allocated
+
+
+def _memory_profile(step, label: str) -> None:
+    """Runs `step` recording the allocator's history; prints the tensors alive at the step's
+    peak, summed by the innermost frame of qwen35, fla, Liger or transformers that allocated them."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        trace = torch.cuda.memory._snapshot()["device_traces"][0]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live, current, peak, peak_at = {}, 0, 0, -1
+    for i, event in enumerate(trace):  # first pass: when is the peak?
+        if event["action"] == "alloc":
+            current += event["size"]
+        elif event["action"] == "free_completed":
+            current -= event["size"]
+        if current > peak:
+            peak, peak_at = current, i
+    for event in trace[: peak_at + 1]:  # second pass: what is alive then
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+        elif event["action"] == "free_completed":
+            live.pop(event["addr"], None)
+    groups: dict[str, list] = {}
+    for event in live.values():
+        frames = [f for f in event.get("frames", []) if any(key in f["filename"] for key in (
+            "qwen35", "/fla/", "liger_kernel", "transformers/models"))]
+        where = "(no frame of ours: autograd engine, optimizer, or before the trace)"
+        if frames:
+            f = frames[0]
+            where = f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}"
+        group = groups.setdefault(where, [0, 0])
+        group[0] += event["size"]
+        group[1] += 1
+    print(f"[memory] {label}: {peak / 2**30:.1f} GiB allocated during the step at its peak "
+          f"(event {peak_at} of {len(trace)}), on top of what existed before it", flush=True)
+    for where, (size, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"[memory]   {size / 2**30:7.2f} GiB  x{count:<5} {where}", flush=True)
+
+
+def _with_optimizer_state(optimizer, params) -> None:
+    """One step on zero gradients, so the optimizer state exists before the first measured step
+    (a one-step trial, as the longest-context search runs, would otherwise peak without it)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _peak_gib(device) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
 
@@ -165,8 +222,11 @@ def _peak_gib(device) -> float:
 def _guarded(result: Result, run) -> Result:
     try:
         run(result)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as e:
         result.status = "OOM"
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        print(f"[OOM] {result.system} {result.variant} {result.seq_len}: peak {_peak_gib(device):.1f} GiB "
+              f"before it; {str(e).splitlines()[0][:200]}", flush=True)
     except Exception as e:  # a failing configuration must not end the table
         result.status = f"error: {type(e).__name__}: {str(e)[:200]}"
     finally:
@@ -198,6 +258,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
             optimizer = OffloadedAdamW(trained, lr=1e-5, weight_decay=0.1)
         else:
             optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.1, fused=fused or None)
+        _with_optimizer_state(optimizer, trained)
         batch = packed_batch(config.vocab_size, lengths, device)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision != "bf16"
                     else contextlib.nullcontext())
@@ -209,6 +270,8 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        if MEMORY_PROFILE and device.type == "cuda":
+            _memory_profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs")
         seconds = _timed_steps(step, steps, warmup, device)
         _fill(result, seconds, step_flops(config, lengths), device)
         if PROFILE and device.type == "cuda":
@@ -257,6 +320,7 @@ def run_peer(config, name, variant, length, steps, warmup, device) -> Result:
         if ac != "none":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+        _with_optimizer_state(optimizer, list(model.parameters()))
         ids = packed_batch(config.vocab_size, [length], device)["input_ids"]
 
         def step():
@@ -368,7 +432,7 @@ def max_context(config, name, lengths_to_try, device, ours_variant, peer_variant
     """Tries one document of each length (ascending) until the first OOM, for ours and the peer.
     One step per length, no warm-up: the timing is indicative only."""
     results = []
-    systems = [("ours", ours_variant)] + ([("peer", peer_variant)] if run_peer_too else [])
+    systems = ([("ours", ours_variant)] if ours_variant != "none" else []) + ([("peer", peer_variant)] if run_peer_too else [])
     for system, variant in systems:
         for length in lengths_to_try:
             if system == "ours":
@@ -432,11 +496,14 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--gdn", action=argparse.BooleanOptionalAction, default=True, help="time the GDN op alone")
     p.add_argument("--ce-bench", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--max-context", action="store_true", help="longest single-document row (0.8B)")
-    p.add_argument("--max-context-lens", nargs="+", type=int, default=[65536, 131072, 196608, 262144, 393216])
-    p.add_argument("--max-context-ours", default="fp32m:full")
+    p.add_argument("--max-context-lens", nargs="+", type=int,
+                   default=[131072, 262144, 393216, 524288, 655360, 786432, 1048576])
+    p.add_argument("--max-context-ours", default="fp32m:offload", help='"none": the peer only')
     p.add_argument("--max-context-peer", default="liger:full")
     p.add_argument("--only-max-context", action="store_true")
     p.add_argument("--profile", action="store_true", help="profile one step of every configuration")
+    p.add_argument("--memory-profile", action="store_true",
+                   help="ours: first run one step recording the allocator, print what is alive at its peak")
     p.add_argument("--dump-fla-configs", type=Path, help="write fla's autotuned configs here after each run")
     p.add_argument("--fla-configs", type=Path,
                    help="skip fla's autotuning: use the configs in this directory (e.g. "
@@ -445,8 +512,8 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, reference ops, no Liger")
     args = p.parse_args(argv)
 
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, MEMORY_PROFILE
+    PROFILE, MEMORY_PROFILE = args.profile, args.memory_profile
     if args.fla_configs is not None:  # read by fla at import, so before the fast ops load
         os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")
         os.environ["FLA_CONFIG_DIR"] = str(args.fla_configs.resolve())

@@ -104,7 +104,8 @@ class TrainConfig:
     activation_checkpointing: bool = option(
         False, "Recompute each block's activations in the backward pass to save memory")
     offload_activations: bool = option(
-        False, "With activation_checkpointing: keep each block's input in CPU memory (the longest contexts)")
+        False, "With activation_checkpointing, for the longest contexts: each block's input in pinned CPU "
+        "memory, the MLP and the delta rule run in 64k-token slices")
     router_z_loss_coef: float = option(
         0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2) added to the loss; 0: off")
 
