@@ -134,3 +134,12 @@ def test_cpu_offloaded_optimizer_run_learns_with_bf16_weights_and_resumes_identi
     assert sorted(got) == list(range(7, 13)) and all(got[s] == curve[s] for s in got)
     exported = read_safetensors(full.export_dir)
     assert exported["model.layers.0.linear_attn.A_log"].dtype == torch.float32
+
+
+def test_offloaded_activation_checkpointing_run_has_the_plain_runs_losses(tmp_path):
+    plain = losses(train(run_config(tmp_path, "--train.eval_steps", "0")).output_dir)
+    offloaded = losses(train(run_config(
+        tmp_path, "--train.eval_steps", "0", "--train.output_dir", str(tmp_path / "offloaded"),
+        "--train.activation_checkpointing", "true", "--train.offload_activations", "true")).output_dir)
+    assert sorted(offloaded) == sorted(plain)
+    assert all(abs(offloaded[s] - plain[s]) <= 1e-5 * plain[s] for s in plain)
