@@ -161,6 +161,7 @@ class DecoderLayer(nn.Module):
         x = x + h
         if not self.is_moe:
             return x + self.mlp(autocast_input(self.post_attention_layernorm(x)))
+        # not cast here: the MoE block sums its experts' outputs in the dtype of its input
         h, logits = self.mlp(self.post_attention_layernorm(x))
         if router_logits is not None:
             router_logits.append(logits)

@@ -18,12 +18,10 @@ import bisect
 import torch
 
 
-def gated_delta_rule_in_slices(rule, q, k, v, g, beta, cu_seqlens=None, slice_tokens: int = 131072):
+def gated_delta_rule_in_slices(rule, q, k, v, g, beta, cu_seqlens, slice_tokens: int):
     """`rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state)` (the seam's
     `gated_delta_rule`) over slices of at most `slice_tokens` tokens; returns o `[B, T, Hv, Dv]`."""
     length = q.shape[1]
-    if length <= slice_tokens:
-        return rule(q, k, v, g, beta, cu_seqlens)[0]
     bounds = None if cu_seqlens is None else cu_seqlens.tolist()
     outputs, carry = [], None
     for start in range(0, length, slice_tokens):
