@@ -14,12 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from qwen35.data.task import build_task, load_eval_examples, score
 from qwen35.data.tokenizer import build_tokenizer
 from qwen35.lora import load_adapter
 from qwen35.model import Qwen35Config, Qwen35ForCausalLM
+from qwen35.progress import progress
 from qwen35.train.config import RunConfig
 
 DEFAULT_RUN_CONFIG = Path(__file__).parent / "default.yaml"
@@ -58,12 +58,15 @@ def task_accuracy(model, tok, val_path: Path, limit: int | None = None, batch_si
     examples = load_eval_examples(val_path)[:limit]
     model.eval()
     predictions = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="eval", leave=False):
+    bar = progress(len(examples), "eval", unit="problem", leave=False)
+    for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
                    for m, _ in chunk]
         outputs = model.generate(prompts, max_new_tokens=16, eos_token_id=tok.eos_token_id)
         predictions += [tok.decode(o, skip_special_tokens=True) for o in outputs]
+        bar.update(len(chunk))
+    bar.close()
     return score(predictions, [a for _, a in examples])
 
 

@@ -161,6 +161,12 @@ class LogConfig:
     """Where metrics go besides metrics.jsonl."""
 
     tensorboard: bool = option(True, "Mirror metrics to TensorBoard under output_dir/tensorboard")
+    wandb: bool = option(False, "Mirror metrics to Weights & Biases (pip install wandb; WANDB_MODE=offline "
+                         "keeps the run under output_dir/wandb for a later `wandb sync`)")
+    wandb_project: str = option("qwen35", "Weights & Biases project")
+    wandb_run_name: str | None = option(None, "Weights & Biases run name (null: the output directory's name)")
+    progress_seconds: float = option(
+        30.0, "When output is not a terminal (torchrun logs, CI, nohup): seconds between progress lines")
 
 
 @dataclass

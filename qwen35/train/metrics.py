@@ -1,7 +1,7 @@
 """Training metrics: one JSON line per logged step, optionally mirrored to TensorBoard.
 
 `<output_dir>/metrics.jsonl` is the record of a run that needs no extra tools to read (`qwen35
-plot`, `jq`, pandas). Each line is flushed as it is written, so a run that crashes or is killed
+plot`, `jq`, pandas); TensorBoard and Weights & Biases get the same scalars when switched on. Each line is flushed as it is written, so a run that crashes or is killed
 keeps everything it logged up to then. The file is opened for appending: a resumed run continues
 the same file, and a reader takes the last line for a step that appears twice.
 
@@ -12,15 +12,25 @@ training loop calls it the same way on every rank.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
+@dataclass
+class WandbSettings:
+    project: str
+    run_name: str
+    config: dict = field(default_factory=dict)  # the run config, shown beside the curves
+
+
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, tensorboard: bool, enabled: bool = True) -> None:
+    def __init__(self, output_dir: str | Path, tensorboard: bool, enabled: bool = True,
+                 wandb: WandbSettings | None = None) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
         self._file = None
         self._writer = None
+        self._wandb_run = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +40,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        if wandb is not None:
+            self._wandb_run = _start_wandb(wandb, Path(output_dir))
 
     def log(self, step: int, **scalars: Any) -> None:
         """Record scalars (loss, lr, grad_norm, tokens_per_s, eval_loss, ...) at an optimizer step.
@@ -46,6 +58,8 @@ class MetricsLogger:
             for name, value in record.items():
                 if name != "step":
                     self._writer.add_scalar(name, value, global_step=record["step"])
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:
         if self._file is not None:
@@ -54,9 +68,21 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _start_wandb(settings: WandbSettings, output_dir: Path):
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("log.wandb is on but wandb is not installed: pip install wandb") from None
+    return wandb.init(project=settings.project, name=settings.run_name, config=settings.config,
+                      dir=str(output_dir))

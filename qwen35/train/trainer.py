@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
+from qwen35.progress import progress
 from qwen35.train import checkpoint as ckpt
 from qwen35.train.config import RunConfig
 from qwen35.train.flops import PEAK_BF16_FLOPS, flops_per_token
-from qwen35.train.metrics import MetricsLogger
+from qwen35.train.metrics import MetricsLogger, WandbSettings
 from qwen35.train.optim import build_optimizer, build_scheduler
 from qwen35.train.setup import Runtime, export_model, load_model_and_tokenizer, prepare_data
 from qwen35.train.step import forward_backward
@@ -112,9 +112,9 @@ def train(cfg: RunConfig) -> TrainResult:
         rt.print(f"resumed from {resume_from} at step {step}")
 
     batches = iter(data.loader)  # from the resumed position on
-    metrics = MetricsLogger(out_dir, cfg.log.tensorboard, enabled=rt.is_main)
+    metrics = MetricsLogger(out_dir, cfg.log.tensorboard, enabled=rt.is_main, wandb=_wandb_settings(cfg))
     flops_token = flops_per_token(model.config, cfg.data.seq_len)
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not rt.is_main, dynamic_ncols=True)
+    bar = progress(total_steps, "train", enabled=rt.is_main, initial=step, interval=cfg.log.progress_seconds)
     loss = float("nan")
 
     def save(at_step: int) -> None:
@@ -167,6 +167,13 @@ def train(cfg: RunConfig) -> TrainResult:
             export_model(model, tokenizer, export_dir, rt)
             rt.print(f"exported the final model to {export_dir}")
     return TrainResult(out_dir, step, loss, export_dir)
+
+
+def _wandb_settings(cfg: RunConfig) -> WandbSettings | None:
+    if not cfg.log.wandb:
+        return None
+    name = cfg.log.wandb_run_name or Path(cfg.train.output_dir).resolve().name
+    return WandbSettings(cfg.log.wandb_project, name, cfg.to_dict())
 
 
 def _router_scalars(router: dict, world_size: int) -> dict:

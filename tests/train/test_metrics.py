@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from qwen35.train.metrics import MetricsLogger
+from qwen35.train.metrics import MetricsLogger, WandbSettings
 
 
 def read_lines(path):
@@ -64,3 +64,20 @@ def test_no_tensorboard_directory_when_disabled(tmp_path):
     with MetricsLogger(tmp_path, tensorboard=False) as logger:
         logger.log(1, loss=1.0)
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_wandb_offline_receives_every_logged_scalar(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    settings = WandbSettings(project="qwen35-test", run_name="tiny", config={"optim": {"lr": 0.125}})
+    with MetricsLogger(tmp_path, tensorboard=False, wandb=settings) as logger:
+        logger.log(1, loss=3.0517578125, lr=0.001953125)
+        logger.log(2, eval_loss=2.7182818)
+    # wandb keeps an offline run as one protobuf record log under output_dir/wandb; the history
+    # rows carry each key and its JSON value as plain bytes.
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    record_log = runs[0].read_bytes()
+    for piece in (b"qwen35-test", b"tiny", b"loss", b"3.0517578125", b"0.001953125", b"eval_loss", b"2.7182818"):
+        assert piece in record_log
+    assert read_lines(tmp_path / "metrics.jsonl")[0]["loss"] == 3.0517578125
