@@ -19,7 +19,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.chat:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True,
-            return_dict=False,
+            return_dict=False, enable_thinking=args.thinking,
         )
     else:
         ids = tokenizer(args.prompt)["input_ids"]
@@ -30,7 +30,24 @@ def _generate(args: argparse.Namespace) -> None:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos,
         generator=generator,
     )[0]
-    print(tokenizer.decode(out, skip_special_tokens=True))
+    if not args.chat:
+        print(tokenizer.decode(out, skip_special_tokens=True))
+        return
+    thinking, answer = split_reply(tokenizer.decode(out, skip_special_tokens=False))
+    if args.thinking and thinking:
+        print(f"[thinking]\n{thinking}\n[answer]")
+    print(answer)
+
+
+def split_reply(text: str) -> tuple[str, str]:
+    """An assistant turn as generated after the chat template's generation prompt -> (thinking,
+    answer), without template markers: the turn ends at `<|im_end|>`; the thinking, if any, is
+    what comes before the last `</think>` (the prompt already opened `<think>`)."""
+    text = text.split("<|im_end|>", 1)[0].replace("<|endoftext|>", "")
+    thinking, marker, answer = text.rpartition("</think>")
+    if not marker:
+        return "", text.strip()
+    return thinking.replace("<think>", "").strip(), answer.strip()
 
 
 def _train(args: list[str]) -> None:
@@ -112,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template and "
+                     "print only the answer")
+    gen.add_argument("--thinking", action="store_true", help="with --chat: let the model think first "
+                     "(enable_thinking) and print its thinking before the answer")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
