@@ -176,17 +176,27 @@ def load_first_readable(candidates: list[Path], model, optimizer,
         state, error = None, None
         try:
             state = load_checkpoint(path, model, optimizer)
-        except Exception as e:  # noqa: BLE001 - any failure to read makes the checkpoint unusable
+        # Any failure to read makes the checkpoint unusable; DCP's own CheckpointException derives
+        # from BaseException, hence the explicit tuple.
+        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001
             error = e
         if _on_every_rank(error is None):
             return path, state
-        reason = (f"{type(error).__name__}: {error}".strip().splitlines()[0][:300] if error
-                  else "another rank could not read its part")
+        reason = _reason(error) if error else "another rank could not read its part"
         if i + 1 == len(candidates):
-            tried = "" if i == 0 else f", nor could the {i} newer one(s) before it"
-            raise UserError(f"cannot resume: checkpoint {path} is unreadable{tried} ({reason})") from error
+            newer = f"; so were the {i} newer one(s) named above" if i else ""
+            raise UserError(f"cannot resume: checkpoint {path} is unreadable ({reason}){newer}") from error
         warn(f"checkpoint {path} is unreadable ({reason}); resuming from {candidates[i + 1]} instead")
     raise AssertionError("unreachable")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of what went wrong; for DCP's wrapper, of the first rank's own error."""
+    if isinstance(error, dcp.api.CheckpointException) and error.failures:
+        wrapped = next(iter(error.failures.values()))
+        error = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
 
 
 def _on_every_rank(ok: bool) -> bool:

@@ -103,16 +103,17 @@ def test_non_finite_weights_are_neither_checkpointed_nor_exported(tmp_path, monk
 def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back_to_the_one_before(tmp_path, capsys):
     flags = [*FAST, "--train.save_steps", "4", "--checkpoint.keep_last", "0"]
     first = train(run_config(tmp_path, *flags, "--train.max_steps", "8"))
+    before = losses(first.output_dir)
     damaged = first.output_dir / "checkpoints" / "step_00000008"
     shard = next(damaged.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated write
+    with pytest.raises(UserError, match=f"cannot resume: checkpoint {damaged} is unreadable"):
+        train(run_config(tmp_path, *flags, "--train.resume", str(damaged)))  # named explicitly: no fallback
     again = train(run_config(tmp_path, *flags, "--train.max_steps", "8", "--train.resume", "true"))
     out = capsys.readouterr().out
-    assert f"checkpoint {damaged} is unreadable" in out and "resumed from" in out
-    assert f"{first.output_dir / 'checkpoints' / 'step_00000004'} at step 4" in out
-    assert again.steps == 8
-    with pytest.raises(UserError, match=f"cannot resume: checkpoint {damaged} is unreadable"):
-        train(run_config(tmp_path, *flags, "--train.resume", str(damaged)))
+    assert f"checkpoint {damaged} is unreadable" in out
+    assert f"resumed from {first.output_dir / 'checkpoints' / 'step_00000004'} at step 4" in out
+    assert again.steps == 8 and losses(again.output_dir)[8] == before[8]  # the steps 5-8 again, bitwise
 
 
 def test_a_user_error_prints_one_line_and_exits_2_and_debug_shows_the_traceback(tmp_path):
