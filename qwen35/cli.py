@@ -1,9 +1,19 @@
-"""The `qwen35` command: train, generate, eval, plot."""
+"""The `qwen35` command: train, generate, eval, plot.
+
+Exit codes: 0 done; 1 an internal error (with its traceback); 2 a user error (bad config, data,
+path, or a refused output-directory state; one message, no traceback unless `--debug` or
+`QWEN35_DEBUG=1`); 3 training diverged (too many non-finite steps in a row); 130/143 training
+stopped by SIGINT/SIGTERM after writing a checkpoint (128 + the signal's number).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
+
+from qwen35.errors import UserError
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -50,14 +60,14 @@ def split_reply(text: str) -> tuple[str, str]:
     return thinking.replace("<think>", "").strip(), answer.strip()
 
 
-def _train(args: list[str]) -> None:
+def _train(args: list[str]) -> int:
     """`train` takes a YAML path and dotted flags, which argparse cannot describe ahead of time."""
     from qwen35.train.config import format_help, load_run_config
 
     rest = list(args)
     if "-h" in rest or "--help" in rest:
         print(TRAIN_USAGE + "\n" + format_help())
-        return
+        return 0
     yaml_path = rest.pop(0) if rest and not rest[0].startswith("-") else None
     if yaml_path is None:  # the built-in default run: a tiny model learning a generated task
         from qwen35.train.builtin import DEFAULT_RUN_CONFIG
@@ -65,7 +75,18 @@ def _train(args: list[str]) -> None:
         yaml_path = DEFAULT_RUN_CONFIG
     from qwen35.train.builtin import run_default_or_train
 
-    run_default_or_train(load_run_config(yaml_path, rest))
+    try:
+        cfg = load_run_config(yaml_path, rest)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError) as e:  # every one of these names the key, file or line
+        raise UserError(str(e)) from e
+    result = run_default_or_train(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -103,7 +124,10 @@ data.train_path the run trains on that task. Keys may be set in the YAML file or
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen35", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qwen35", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error too (or set QWEN35_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("train", help="train: qwen35 train [CONFIG.yaml] [--section.key VALUE ...]; "
@@ -142,12 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "train":
-        _train(argv[1:])
-        return
-    args = build_parser().parse_args(argv)
-    args.run(args)
+    """Runs a command; exits with a non-zero code (see the module docstring) when it did not finish."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("QWEN35_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        if argv and argv[0] == "train":
+            code = _train(argv[1:])
+        else:
+            args = build_parser().parse_args(argv)
+            args.run(args)
+            code = 0
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

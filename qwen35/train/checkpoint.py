@@ -6,17 +6,24 @@ on a different number of ranks), and beside them the trainer's small state (step
 data position; `trainer_state.pt`) and each rank's RNG states (`rng_rank{r}.pt`).
 
 Atomicity: a checkpoint is written into `step_00000042.partial/` and renamed to `step_00000042/`
-only after every rank has finished writing. A run killed mid-save leaves a `.partial` directory
-that resume ignores, so resume always starts from the last checkpoint that is whole.
+only after every rank has finished writing (`atomic_directory`, which the Hugging Face exports use
+too). A run killed mid-save leaves a `.partial` directory that resume ignores, so resume starts
+from the last checkpoint that is whole; one that was renamed but later damaged (a truncated file)
+is named and skipped for the one before it (`load_first_readable`).
+
+Ownership: each checkpoint records the id of the run that wrote it (`checkpoint.json`), and a
+run prunes only its own checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import re
-import warnings
 import shutil
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from qwen35.errors import UserError
 
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 
@@ -75,12 +84,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+def checkpoint_dirs(root: Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first; with `run_id`, only that run's."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _COMPLETE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    dirs = [p for _, p in sorted(found)]
+    return dirs if run_id is None else [p for p in dirs if checkpoint_run_id(p) == run_id]
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run that wrote the checkpoint at `path` (None: unrecorded or unreadable)."""
+    try:
+        return json.loads((path / "checkpoint.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -88,28 +106,43 @@ def latest_checkpoint(root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep_last: int = 0) -> Path:
-    """Writes the checkpoint of `step` atomically; keeps the newest `keep_last` (0: all)."""
-    final = root / f"step_{step:08d}"
-    partial = root / f"step_{step:08d}.partial"
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """All ranks write into `final.partial`; it replaces `final` once every rank is done.
+
+    Rank 0 creates and renames; barriers around both keep another rank from writing into a
+    directory that is not there yet, or reading `final` before it is complete. If the body
+    raises, `final` is left as it was and the `.partial` directory shows what was cut short.
+    """
+    partial = final.with_name(final.name + ".partial")
     if _is_main():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
-    state = {"model": _trainable_state(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_quiet():
-        dcp.save(state, checkpoint_id=str(partial))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
-    if _is_main():
-        torch.save({**extra, "step": step}, partial / "trainer_state.pt")
+    yield partial
     _barrier()
     if _is_main():
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        if keep_last > 0:
-            for old in checkpoint_dirs(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep_last: int = 0,
+                    run_id: str | None = None) -> Path:
+    """Writes the checkpoint of `step` atomically; keeps this run's newest `keep_last` (0: all)."""
+    final = root / f"step_{step:08d}"
+    with atomic_directory(final) as partial:
+        state = {"model": _trainable_state(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(partial))
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+        if _is_main():
+            torch.save({**extra, "step": step}, partial / "trainer_state.pt")
+            (partial / "checkpoint.json").write_text(json.dumps({"run_id": run_id, "step": step}) + "\n")
+    if _is_main() and keep_last > 0:
+        for old in checkpoint_dirs(root, run_id)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
@@ -128,3 +161,50 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     if (path / f"rng_rank{rank}.pt").is_file():
         set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))
     return torch.load(path / "trainer_state.pt", weights_only=False)
+
+
+def load_first_readable(candidates: list[Path], model, optimizer,
+                        warn: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """Loads the first of `candidates` (newest first) that every rank can read.
+
+    A checkpoint that fails (a truncated or missing file) is named with the reason, and the next
+    one is tried; each later attempt overwrites whatever the failed one loaded. Every rank takes
+    the same decision, since a per-rank file (its RNG state) can fail on one rank alone.
+    """
+    assert candidates
+    for i, path in enumerate(candidates):
+        state, error = None, None
+        try:
+            state = load_checkpoint(path, model, optimizer)
+        # Any failure to read makes the checkpoint unusable; DCP's own CheckpointException derives
+        # from BaseException, hence the explicit tuple.
+        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001
+            error = e
+        if _on_every_rank(error is None):
+            return path, state
+        reason = _reason(error) if error else "another rank could not read its part"
+        if i + 1 == len(candidates):
+            newer = f"; so were the {i} newer one(s) named above" if i else ""
+            raise UserError(f"cannot resume: checkpoint {path} is unreadable ({reason}){newer}") from error
+        warn(f"checkpoint {path} is unreadable ({reason}); resuming from {candidates[i + 1]} instead")
+    raise AssertionError("unreachable")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of what went wrong; for DCP's wrapper, of the first rank's own error."""
+    if isinstance(error, dcp.api.CheckpointException) and error.failures:
+        wrapped = next(iter(error.failures.values()))
+        error = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
+def _on_every_rank(ok: bool) -> bool:
+    """Whether `ok` holds on every rank: one all-reduce of a flag."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([int(not ok)], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0

@@ -94,8 +94,16 @@ class TrainConfig:
                              path=True)
     save_steps: int = option(500, "Save a resumable checkpoint every N steps; 0: only at the end")
     resume: bool | str = option(
-        False, "true: resume from the latest checkpoint in output_dir; a path: from that "
-        "checkpoint", path=True)
+        False, "false: a fresh run (refused if output_dir holds another run); true: continue from "
+        "output_dir's latest checkpoint (an error if there is none); auto: continue if there is one, "
+        "else start fresh; a path: an output directory or one checkpoint (step_NNNNNNNN) to start from",
+        path=True)
+    overwrite_output_dir: bool = option(
+        False, "Let a fresh run take over an output_dir that holds another run: its checkpoints, "
+        "exports, metrics and run.json are deleted first")
+    max_nonfinite_steps: int = option(
+        5, "Each step with a non-finite loss or gradient norm is skipped (no update); this many in "
+        "a row stop the run with an error; 0: never stop")
     eval_steps: int = option(0, "Evaluate on the validation data every N steps; 0: never")
     log_steps: int = option(1, "Log metrics every N steps")
     seed: int = option(42, "Seed for weight initialisation and dropout")
@@ -231,7 +239,8 @@ def _check(cfg: RunConfig) -> None:
                 ):
         need(_get(cfg, key) > 0, f"{key} must be > 0, got {_get(cfg, key)}")
     for key in ("train.save_steps", "train.eval_steps", "train.grad_clip", "optim.warmup_steps",
-                "data.num_workers", "checkpoint.keep_last", "checkpoint.export_steps", "lora.rank"):
+                "data.num_workers", "checkpoint.keep_last", "checkpoint.export_steps", "lora.rank",
+                "train.max_nonfinite_steps"):
         need(_get(cfg, key) >= 0, f"{key} must be >= 0, got {_get(cfg, key)}")
     need(train.global_batch_size > 0 and train.global_batch_size % train.micro_batch_size == 0,
          f"train.global_batch_size ({train.global_batch_size}) must be a positive multiple of "

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen35.errors import UserError
+
 
 @dataclass
 class WandbSettings:
@@ -83,6 +85,6 @@ def _start_wandb(settings: WandbSettings, output_dir: Path):
     try:
         import wandb
     except ImportError:
-        raise ValueError("log.wandb is on but wandb is not installed: pip install wandb") from None
+        raise UserError("log.wandb is on but wandb is not installed: pip install wandb") from None
     return wandb.init(project=settings.project, name=settings.run_name, config=settings.config,
                       dir=str(output_dir))

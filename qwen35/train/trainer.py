@@ -3,6 +3,12 @@
 One process or many (torchrun): `parallel.fsdp` shards the model over data-parallel ranks, each
 rank reads its share of the packed rows, and the loss is normalised by the loss tokens of the
 whole step over all ranks (one all-reduce of the count per step).
+
+What keeps a run safe (README, "Runs and output directories"): the output directory is claimed
+for this run before any work (`rundir`); a step whose loss or gradient norm is not finite is
+skipped, and `train.max_nonfinite_steps` of them in a row stop the run; SIGTERM/SIGINT end the
+run after the current step with one checkpoint, on a step every rank agrees on; checkpoints and
+exports are written aside and renamed into place once complete.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from qwen35.errors import TrainingDiverged, UserError
 from qwen35.progress import progress
 from qwen35.train import checkpoint as ckpt
+from qwen35.train import guards, rundir
 from qwen35.train.config import RunConfig
 from qwen35.train.flops import PEAK_BF16_FLOPS, flops_per_token
 from qwen35.train.metrics import MetricsLogger, WandbSettings
@@ -32,26 +40,8 @@ class TrainResult:
     steps: int
     final_loss: float
     export_dir: Path | None
-
-
-class _StopRequest:
-    """SIGTERM/SIGINT ask for a checkpoint and a clean exit after the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    stopped_by_signal: int = 0  # SIGTERM/SIGINT number when a signal ended the run early; 0: it ran to the end
+    skipped_steps: int = 0  # steps whose loss or gradient norm was not finite
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -82,17 +72,20 @@ def evaluate_loss(model, batches, rt: Runtime) -> float:
 def train(cfg: RunConfig) -> TrainResult:
     rt = Runtime.start(cfg)
     out_dir = Path(cfg.train.output_dir)
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save_yaml(out_dir / "run_config.yaml")
+    run = _claim_output_dir(cfg, out_dir, rt)
     torch.manual_seed(cfg.train.seed)
 
     model, tokenizer = load_model_and_tokenizer(cfg, rt)
-    data = prepare_data(cfg, tokenizer, rt)
+    try:
+        data = prepare_data(cfg, tokenizer, rt)
+    except UserError:
+        raise
+    except (ValueError, OSError) as e:  # the data package raises these for its input: a file, a line, a key
+        raise UserError(str(e)) from e
     rows_per_rank_step = cfg.train.global_batch_size // rt.world_size
     accumulation = rows_per_rank_step // cfg.train.micro_batch_size
     if accumulation * cfg.train.micro_batch_size * rt.world_size != cfg.train.global_batch_size:
-        raise ValueError(
+        raise UserError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel ranks ({rt.world_size})"
         )
@@ -103,25 +96,39 @@ def train(cfg: RunConfig) -> TrainResult:
                                 cfg.optim.cpu_offload)
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, total_steps, cfg.optim.scheduler, cfg.optim.min_lr_ratio)
     step = 0
-    resume_from = _resume_path(cfg, out_dir)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
+    last_checkpoint = None  # for the message when the run diverges
+    if run.resume_from:
+        last_checkpoint, state = ckpt.load_first_readable(list(run.resume_from), model, optimizer, rt.print)
         scheduler.load_state_dict(state["scheduler"])
         data.loader.load_state_dict(state["loader"])
         step = state["step"]
-        rt.print(f"resumed from {resume_from} at step {step}")
+        rt.print(f"resumed from {last_checkpoint} at step {step}")
 
     batches = iter(data.loader)  # from the resumed position on
     metrics = MetricsLogger(out_dir, cfg.log.tensorboard, enabled=rt.is_main, wandb=_wandb_settings(cfg))
     flops_token = flops_per_token(model.config, cfg.data.seq_len)
     bar = progress(total_steps, "train", enabled=rt.is_main, initial=step, interval=cfg.log.progress_seconds)
     loss = float("nan")
+    skipped = guards.NonFiniteSteps()
 
-    def save(at_step: int) -> None:
+    def refuse_nonfinite_weights(what: str) -> None:
+        if not guards.weights_are_finite(model, rt.device):
+            raise TrainingDiverged(f"the weights at step {step} are not finite, so they are not {what}. "
+                                   f"{_last_checkpoint_text(last_checkpoint)}")
+
+    def save() -> None:
+        nonlocal last_checkpoint
+        refuse_nonfinite_weights("saved")
         extra = {"scheduler": scheduler.state_dict(), "loader": data.loader.state_dict()}
-        ckpt.save_checkpoint(out_dir / "checkpoints", at_step, model, optimizer, extra, cfg.checkpoint.keep_last)
+        last_checkpoint = ckpt.save_checkpoint(out_dir / "checkpoints", step, model, optimizer, extra,
+                                               cfg.checkpoint.keep_last, run.run_id)
 
-    with _StopRequest() as stop:
+    def export(directory: Path) -> None:
+        refuse_nonfinite_weights("exported")
+        with ckpt.atomic_directory(directory) as partial:
+            export_model(model, tokenizer, partial, rt)
+
+    with guards.StopSignal() as stop:
         while step < total_steps:
             start = time.perf_counter()
             micro = [_to_device(next(batches), rt.device) for _ in range(accumulation)]
@@ -129,44 +136,85 @@ def train(cfg: RunConfig) -> TrainResult:
                                       rt.world_size)
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
+            loss = float(result.loss)
+            signum, nonfinite = guards.agree(stop.signum, not guards.is_finite(loss, float(grad_norm)), rt.device)
+            if not nonfinite:  # a non-finite step changes nothing but the step count and the schedule
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss = float(result.loss)
+            skipped.update(finite=not nonfinite)
+            if nonfinite:
+                rt.print(f"step {step}: loss {loss:.4g}, gradient norm {float(grad_norm):.4g}: not finite, step "
+                         f"skipped ({skipped.in_a_row} in a row, {skipped.total} in all)")
             elapsed = time.perf_counter() - start
             tokens = sum(b["input_ids"].numel() for b in micro) * rt.world_size
             tokens_per_s = tokens / elapsed
             scalars = dict(loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                           tokens_per_s=tokens_per_s, memory_gb=rt.peak_memory_gb())
+                           tokens_per_s=tokens_per_s, memory_gb=rt.peak_memory_gb(), skipped_steps=skipped.total)
             if result.router is not None:
                 scalars.update(_router_scalars(result.router, rt.world_size))
             if rt.device.type == "cuda":
                 scalars["mfu"] = flops_token * tokens_per_s / (PEAK_BF16_FLOPS * rt.world_size)
             if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and data.val_batches:
                 scalars["eval_loss"] = evaluate_loss(model, data.val_batches, rt)
-            if step % cfg.train.log_steps == 0 or "eval_loss" in scalars:
+            if step % cfg.train.log_steps == 0 or "eval_loss" in scalars or nonfinite:
                 metrics.log(step, **scalars)
             bar.set_postfix({k: f"{v:.3g}" for k, v in scalars.items()}, refresh=False)
             bar.update(1)
+            limit = cfg.train.max_nonfinite_steps
+            if limit and skipped.in_a_row >= limit:
+                bar.close()
+                metrics.close()
+                raise TrainingDiverged(
+                    f"training diverged: the loss or gradient norm was not finite for {limit} steps in a row "
+                    f"(steps {step - limit + 1} to {step}; each was skipped). {_last_checkpoint_text(last_checkpoint)}. "
+                    "Lower optim.lr or check the data, or raise train.max_nonfinite_steps")
             if cfg.checkpoint.export_steps and step % cfg.checkpoint.export_steps == 0:
-                export_model(model, tokenizer, out_dir / f"export_step_{step:08d}", rt)
-            if stop.requested or (cfg.train.save_steps and step % cfg.train.save_steps == 0):
-                save(step)
-            if stop.requested:
-                rt.print(f"stopped by signal at step {step}; resume with --train.resume true")
+                export(out_dir / f"export_step_{step:08d}")
+            if signum or (cfg.train.save_steps and step % cfg.train.save_steps == 0):
+                save()
+            if signum:
+                rt.print(f"stopped by {signal.Signals(signum).name} at step {step} with checkpoint {last_checkpoint}; "
+                         f"continue with --train.resume true")
                 break
     bar.close()
     metrics.close()
     export_dir = None
-    if not stop.requested:
-        if cfg.train.save_steps == 0 or step % cfg.train.save_steps:
-            save(step)
+    if not signum:
+        if last_checkpoint is None or last_checkpoint.name != f"step_{step:08d}":
+            save()
         if cfg.checkpoint.export_final:
             export_dir = out_dir / "final"
-            export_model(model, tokenizer, export_dir, rt)
+            export(export_dir)
             rt.print(f"exported the final model to {export_dir}")
-    return TrainResult(out_dir, step, loss, export_dir)
+    return TrainResult(out_dir, step, loss, export_dir, signum, skipped.total)
+
+
+def _claim_output_dir(cfg: RunConfig, out_dir: Path, rt: Runtime) -> rundir.RunPlan:
+    """Rank 0 decides what this run does with the output directory and writes run.json and the
+    resolved config; the other ranks get its decision, or the same refusal."""
+    plan = error = None
+    if rt.is_main:
+        try:
+            plan = rundir.plan_run(cfg.train, out_dir)
+            rundir.claim(out_dir, plan)
+            cfg.save_yaml(out_dir / "run_config.yaml")
+        except UserError as e:
+            error = e
+    if dist.is_initialized():
+        shared = [plan, error]
+        dist.broadcast_object_list(shared, src=0)
+        plan, error = shared
+    if error is not None:
+        raise error
+    return plan
+
+
+def _last_checkpoint_text(path: Path | None) -> str:
+    if path is None:
+        return "This run has no checkpoint"
+    return f"The last checkpoint is {path}"
 
 
 def _wandb_settings(cfg: RunConfig) -> WandbSettings | None:
@@ -186,14 +234,3 @@ def _router_scalars(router: dict, world_size: int) -> dict:
     aux, z = (summed[:2] / world_size).tolist()
     return {"moe_aux_loss": aux, "moe_z_loss": z,
             "expert_load_max": float(share.max()), "expert_load_min": float(share.min())}
-
-
-def _resume_path(cfg: RunConfig, out_dir: Path) -> Path | None:
-    if cfg.train.resume is False:
-        return None
-    if cfg.train.resume is True:
-        return ckpt.latest_checkpoint(out_dir / "checkpoints")  # None: a fresh run
-    path = Path(cfg.train.resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
-    return ckpt.latest_checkpoint(path) if not path.name.startswith("step_") else path

@@ -3,8 +3,10 @@ sharded loading. Each test launches the real `qwen35 train` through torchrun."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -123,3 +125,45 @@ def test_lora_with_fsdp_and_activation_checkpointing_matches_one_process(tmp_pat
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
     assert one[8] < one[1]
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (torchrun starts its workers as child processes)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in children:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_checkpoint_and_resumes_on_two_and_one_process(tmp_path):
+    # A constant learning rate, so that the resumed runs may end at another max_steps than the
+    # stopped one and still take the same steps.
+    flags = ["--optim.scheduler", "constant", "--optim.warmup_steps", "0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qwen35",
+           "train", *_flags(tmp_path, "run", 1000, *flags)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # mid-training
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.kill(_worker_pid(launcher, rank=1), signal.SIGTERM)  # rank 0 must stop with it
+    output = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode != 0 and "exitcode  : 143" in output, output[-3000:]
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert len(saved) == 1 and not saved[0].endswith(".partial"), saved  # exactly one, complete
+    stopped_at = int(saved[0].removeprefix("step_"))
+    assert 2 <= stopped_at < 1000 and not (tmp_path / "run" / "final").exists()
+
+    end = stopped_at + 2
+    _ok(_launch(_flags(tmp_path, "run", end, *flags, "--train.resume", "true"), nproc=2))
+    _ok(_launch(_flags(tmp_path, "one", end, *flags, "--train.resume", str(tmp_path / "run")), nproc=1))
+    _ok(_launch(_flags(tmp_path, "uninterrupted", end, *flags), nproc=2))
+    two_then_two, two_then_one = _losses(tmp_path / "run"), _losses(tmp_path / "one")
+    uninterrupted = _losses(tmp_path / "uninterrupted")
+    assert sorted(two_then_two) == list(range(1, end + 1)) and sorted(two_then_one) == [end - 1, end]
+    assert all(two_then_two[s] == uninterrupted[s] for s in uninterrupted)  # same process count: bitwise
+    assert max(abs(two_then_one[s] - uninterrupted[s]) for s in two_then_one) <= 1e-6

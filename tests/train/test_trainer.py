@@ -13,6 +13,11 @@ from qwen35.train.trainer import train
 
 
 def run_config(tmp_path, *flags, moe=False):
+    return load_run_config(None, run_flags(tmp_path, *flags, moe=moe))
+
+
+def run_flags(tmp_path, *flags, moe=False):
+    """Command-line flags of a short run of a tiny model on a small task (made on first use)."""
     model_dir = tmp_path / "model"
     if not model_dir.exists():
         tiny_model_dir(model_dir, moe=moe)
@@ -22,7 +27,7 @@ def run_config(tmp_path, *flags, moe=False):
             "--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.max_steps", "12",
             "--train.output_dir", str(tmp_path / "run"), "--train.save_steps", "0", "--train.eval_steps", "6",
             "--optim.lr", "1e-2", "--optim.warmup_steps", "2", "--log.tensorboard", "false"]
-    return load_run_config(None, base + list(flags))
+    return base + list(flags)
 
 
 def losses(output_dir):
