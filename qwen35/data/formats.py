@@ -25,8 +25,11 @@ Each record is one of, detected per record:
   template, as TRL does); lists of messages are a chat split in two.
 - `text`: continued pre-training, loss on every token.
 
-A record that fits none of them, or breaks their rules, is malformed: with `on_malformed="skip"`
-it is reported (file and line, or parquet row) and left out; with `"error"` it stops the run.
+A record that fits none of them, or breaks their rules (invalid JSON or UTF-8 included), is
+malformed: with `on_malformed="skip"` it is reported (file and line, or parquet row) and left out;
+with `"error"` it stops the run. JSONL is read line by line, parquet batch by batch, so a file of
+any size costs one batch of memory; a `.json` list is read whole (use JSONL for large data).
+A file that cannot be read at all (a truncated parquet file) is a `DataError` naming it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 EXTENSIONS = (".jsonl", ".ndjson", ".json", ".parquet")
@@ -65,7 +69,16 @@ class Sample:
     text: str | None = None  # pre-training text
 
 
-class MalformedRecord(ValueError):
+class DataError(ValueError):
+    """A problem with the user's data: the message names the file (and line or row) and says what
+    is wrong, so it can be shown without a traceback."""
+
+
+class MissingDataFile(DataError, FileNotFoundError):
+    """A data path that names no file."""
+
+
+class MalformedRecord(DataError):
     """A record that cannot be used; its message starts with the file and line."""
 
 
@@ -86,25 +99,25 @@ def parse_sources(spec: str | list) -> list[Source]:
     elif isinstance(spec, (list, tuple)):
         entries = list(spec)
     else:
-        raise ValueError(f"data path must be a string or a list, got {type(spec).__name__}")
+        raise DataError(f"data path must be a string or a list, got {type(spec).__name__}")
     sources = []
     for entry in entries:
         if isinstance(entry, dict):
             unknown = set(entry) - {"path", "weight"}
             if "path" not in entry or unknown:
-                raise ValueError(f"data source {entry!r}: expected keys path and weight")
+                raise DataError(f"data source {entry!r}: expected keys path and weight")
             path, weight = str(entry["path"]), entry.get("weight")
             weight = None if weight is None else float(weight)
         else:
             path, weight = _split_weight(str(entry).strip())
         if weight is not None and weight <= 0:
-            raise ValueError(f"data source {path!r}: weight must be > 0, got {weight}")
+            raise DataError(f"data source {path!r}: weight must be > 0, got {weight}")
         sources.append(Source(path, _expand(path), weight))
     if not sources:
-        raise ValueError(f"data path {spec!r} names no file")
+        raise DataError(f"data path {spec!r} names no file")
     weighted = [s.weight is not None for s in sources]
     if any(weighted) and not all(weighted):
-        raise ValueError(f"data path {spec!r}: give every source a weight, or none")
+        raise DataError(f"data path {spec!r}: give every source a weight, or none")
     return sources
 
 
@@ -127,10 +140,10 @@ def _expand(entry: str) -> tuple[Path, ...]:
     else:
         files = [Path(path)] if os.path.isfile(path) else []
     if not files:
-        raise FileNotFoundError(f"data source {entry!r} matches no file")
+        raise MissingDataFile(f"data source {entry!r} matches no file")
     for f in files:
         if f.suffix not in EXTENSIONS:
-            raise ValueError(f"{f}: unknown data file type; expected one of {', '.join(EXTENSIONS)}")
+            raise DataError(f"{f}: unknown data file type; expected one of {', '.join(EXTENSIONS)}")
     return tuple(files)
 
 
@@ -138,44 +151,72 @@ def _expand(entry: str) -> tuple[Path, ...]:
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) for every record of a file; a line that is not JSON comes as an exception."""
+    """(where, record) for every record of a file, streamed. A JSONL line comes as its raw bytes
+    (`parse_record` turns it into a record, in whichever process does the work); a record that
+    cannot be read comes as a MalformedRecord; a file that cannot be read raises DataError."""
     if path.suffix == ".parquet":
-        row = 0
+        yield from _parquet_records(path)
+        return
+    if path.suffix == ".json":
+        data = path.read_bytes()
+        try:
+            records = json.loads(_decode(data, path))
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data": a JSONL file named .json, read it as one
+                raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        else:
+            if not isinstance(records, list):
+                raise DataError(f"{path}: a .json data file must hold a list of records")
+            for i, record in enumerate(records):
+                yield f"{path} record {i}", record
+            return
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"{path}:{lineno}", line
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start} of the file)") from None
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
+    row = 0
+    try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             for record in batch.to_pylist():
                 yield f"{path} row {row}", record
                 row += 1
-        return
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data": a JSONL file named .json, read it as one
-                raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        else:
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: a .json data file must hold a list of records")
-            for i, record in enumerate(records):
-                yield f"{path} record {i}", record
-            return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{lineno}", MalformedRecord(f"{path}:{lineno}: invalid JSON: {e.msg}")
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read this parquet file (after {row} rows): {e}") from None
+
+
+def parse_record(where: str, record: Any) -> Any:
+    """A JSONL line's bytes → its JSON value; anything else is already a record."""
+    if not isinstance(record, bytes):
+        return record
+    try:
+        text = record.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedRecord(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MalformedRecord(f"{where}: invalid JSON: {e.msg}") from None
 
 
 def read_file(path: Path, on_malformed: str = "skip") -> ReadResult:
-    """Every usable sample of a file; malformed records skipped and reported, or fatal."""
+    """Every usable sample of a file in memory (for small files; the tokeniser streams instead);
+    malformed records skipped and reported, or fatal."""
     result = ReadResult()
     for where, record in iter_records(path):
         result.records += 1
         try:
-            if isinstance(record, Exception):
-                raise record
-            result.samples.append(to_sample(record, where))
+            result.samples.append(to_sample(parse_record(where, record), where))
         except MalformedRecord as e:
             if on_malformed == "error":
                 raise

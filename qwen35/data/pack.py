@@ -38,7 +38,12 @@ class PackCounts:
 def select_documents(files: list[TokenizedFile], refs: np.ndarray, seq_len: int,
                      overlong: str) -> tuple[np.ndarray, PackCounts]:
     """Applies the overlong policy to `refs` ([n, 2]: file, sample) and drops samples with no loss
-    token. Returns documents as [m, 3] (file, sample, tokens to take) and what happened."""
+    token. Returns documents as [m, 3] (file, sample, tokens to take) and what happened.
+
+    `drop` (the default) leaves out every sample longer than `seq_len`. `truncate` keeps its first
+    `seq_len` tokens: a sample whose learned tokens are all cut away (a long prompt) is dropped and
+    counted with those that have nothing to learn; a cut answer is trained without its `<|im_end|>`
+    on purpose, since appending one would teach the model to stop mid-sentence."""
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
     counts = PackCounts()

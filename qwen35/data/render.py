@@ -36,9 +36,13 @@ _PROBE = {"role": "user", "content": ""}
 class ChatRenderer:
     """Renders conversations with one tokenizer's chat template and finds the assistant spans."""
 
-    def __init__(self, tokenizer, template_kwargs: dict | None = None):
+    def __init__(self, tokenizer, template_kwargs: dict | None = None, chat_template: str | None = None):
+        """`template_kwargs` are extra variables for the template (`enable_thinking`, ...);
+        `chat_template` is a template's text to use instead of the tokenizer's own."""
         self.tokenizer = tokenizer
         self.kwargs = dict(template_kwargs or {})
+        if chat_template is not None:
+            self.kwargs["chat_template"] = chat_template
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has no eos token: it is needed to end text samples")
         # What an empty user turn adds at the end of a conversation (used to cut it off again).

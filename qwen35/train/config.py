@@ -33,8 +33,8 @@ def option(default: Any, help: str, *, path: bool = False) -> Any:
     us unexpanded (the shell only expands `~` at the start of a word).
     """
     metadata = {"help": help, "path": path}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -61,22 +61,33 @@ class ModelConfig:
 class DataConfig:
     """Where the training text comes from and how it is cut into packed rows."""
 
-    train_path: str | None = option(
-        None, "Training data file (jsonl or parquet); null: the built-in generated task",
+    train_path: str | list[str | dict[str, Any]] | None = option(
+        None, "Training data: a file (jsonl, json, parquet), a directory, a glob, comma-separated "
+        "entries with optional :weight, or (YAML) a list of paths or {path, weight} mappings; "
+        "null: the built-in generated task", path=True)
+    val_path: str | list[str] | None = option(
+        None, "Validation data, as train_path without weights; exclusive with val_fraction",
         path=True)
-    val_path: str | None = option(None, "Validation data file; exclusive with val_fraction",
-                                  path=True)
     val_fraction: float = option(
         0.0, "Fraction of the training samples held out for validation when val_path is unset")
     seq_len: int = option(2048, "Tokens per packed row")
-    overlong: Literal["truncate", "drop"] = option(
-        "truncate", "What to do with a sample longer than seq_len")
+    overlong: Literal["drop", "truncate"] = option(
+        "drop", "A sample longer than seq_len: drop it (counted per source), or truncate it to its "
+        "first seq_len tokens (dropped if no answer token is left)")
     on_malformed: Literal["skip", "error"] = option(
         "skip", "What to do with a data line that cannot be parsed or templated: skip it (reported "
         "with its file and line) or stop")
+    max_malformed_fraction: float = option(
+        0.5, "A data file with a larger share of malformed records is an error (wrong file or format)")
     num_workers: int = option(0, "Worker processes for tokenisation; 0: in the main process")
     cache_dir: str | None = option(
-        None, "Directory for the tokenised data cache; null: no cache", path=True)
+        None, "Directory for the tokenised data stores (memory-mapped, built once, shared by all "
+        "ranks and by later runs); null: train.output_dir/data_cache", path=True)
+    chat_template: str | None = option(
+        None, "A Jinja chat template file to render the data with instead of the tokenizer's own "
+        "(exports carry it)", path=True)
+    template_kwargs: dict[str, Any] = option(
+        {}, "Extra chat-template variables, e.g. {enable_thinking: false}")
     seed: int = option(42, "Seed for shuffling and the validation split")
 
 
@@ -410,6 +421,13 @@ def _to_type(value: Any, tp: Any) -> Any:
         if len(value) != len(args):
             raise ValueError(value)
         return tuple(_to_type(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        if is_str:  # a flag: YAML flow syntax, e.g. {enable_thinking: false}
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        return {_to_type(k, args[0]): v if args[1] is Any else _to_type(v, args[1])
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -441,8 +459,10 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in args)
     if origin is Literal:
         return "|".join(str(a) for a in args)
-    if origin in (tuple, list):
+    if origin in (tuple, list, dict):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if tp is Any:
+        return "Any"
     return "None" if tp is type(None) else tp.__name__
 
 
@@ -450,6 +470,8 @@ def _default_text(f: dataclasses.Field) -> str:
     value = f.default_factory() if f.default is dataclasses.MISSING else f.default
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(str(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
     if value is None:  # spelled as in the YAML file
         return "null"
     if isinstance(value, bool):

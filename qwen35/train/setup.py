@@ -9,7 +9,7 @@ import contextlib
 import itertools
 import os
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -154,7 +154,12 @@ class RunData:
 
 
 def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime) -> RunData:
-    datasets = build_datasets(cfg.data, tokenizer, progress=rt.is_main)
+    data_cfg = cfg.data
+    if data_cfg.cache_dir is None:  # the stores live with the run: a resumed run maps them at once
+        data_cfg = replace(data_cfg, cache_dir=str(Path(cfg.train.output_dir) / "data_cache"))
+    datasets = build_datasets(data_cfg, tokenizer, progress=rt.is_main)
+    if data_cfg.chat_template is not None:  # exports must render prompts as training did
+        tokenizer.chat_template = Path(data_cfg.chat_template).read_text(encoding="utf-8")
     rt.print(datasets.stats.summary())
     loader = PackedLoader(datasets.train, cfg.train.micro_batch_size, seed=cfg.data.seed,
                           rank=rt.rank, world_size=rt.world_size)

@@ -83,3 +83,46 @@ def test_val_path_and_val_fraction_are_exclusive(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="exclusive"):
         build_datasets({"train_path": str(tmp_path / "a.jsonl"), "val_path": str(tmp_path / "a.jsonl"),
                         "val_fraction": 0.1}, tokenizer, progress=False)
+
+
+def test_a_yaml_list_of_path_weight_mappings_reaches_training(tokenizer, tmp_path):
+    from qwen35.train.config import load_run_config
+
+    write_texts(tmp_path / "a.jsonl", "apple", 10)
+    write_texts(tmp_path / "b.jsonl", "berry", 10)
+    (tmp_path / "run.yaml").write_text(
+        f"data:\n  seq_len: 64\n  train_path:\n"
+        f"    - {{path: {tmp_path}/a.jsonl, weight: 1}}\n    - {{path: {tmp_path}/b.jsonl, weight: 3}}\n")
+    cfg = load_run_config(tmp_path / "run.yaml", [])
+    kinds = Counter(t.split()[0] for t in sample_texts(tokenizer, build_datasets(
+        cfg.data, tokenizer, progress=False).train))
+    assert kinds == {"apple": 5, "berry": 15}
+    plain = load_run_config(None, ["--data.train_path", f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl",
+                                   "--data.seq_len", "64"])
+    kinds = Counter(t.split()[0] for t in sample_texts(tokenizer, build_datasets(
+        plain.data, tokenizer, progress=False).train))
+    assert kinds == {"apple": 10, "berry": 10}
+
+
+# A ChatML template where enable_thinking=false puts an empty thinking block before each answer.
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+            "{% if m.role == 'assistant' and enable_thinking is defined and enable_thinking is false %}"
+            "<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}")
+
+
+def test_chat_template_file_and_template_kwargs_reach_the_renderer(tokenizer, tmp_path):
+    from qwen35.train.config import load_run_config
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    (tmp_path / "template.jinja").write_text(TEMPLATE)
+    flags = ["--data.train_path", str(tmp_path / "d.jsonl"), "--data.seq_len", "64",
+             "--data.chat_template", str(tmp_path / "template.jinja")]
+
+    def rendered(*extra):
+        cfg = load_run_config(None, flags + list(extra))
+        return sample_texts(tokenizer, build_datasets(cfg.data, tokenizer, progress=False).train)
+
+    assert rendered() == ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"]
+    assert rendered("--data.template_kwargs", "{enable_thinking: false}") == [
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nhello<|im_end|>\n"]

@@ -28,7 +28,7 @@ def test_second_build_of_the_same_data_comes_from_the_cache(tokenizer, task_file
     def no_reading(*args, **kwargs):
         raise AssertionError("a cache hit must not read the data file")
 
-    monkeypatch.setattr(tokenized, "read_file", no_reading)
+    monkeypatch.setattr(tokenized, "iter_records", no_reading)
     second = tokenize_file(task_file, tokenizer, cache_dir=tmp_path / "cache", progress=False)
     assert second.from_cache
     assert same_tokens(first, second)
