@@ -45,6 +45,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qwen35.errors import UserError
+
 EXTENSIONS = (".jsonl", ".ndjson", ".json", ".parquet")
 
 
@@ -69,7 +71,7 @@ class Sample:
     text: str | None = None  # pre-training text
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data: the message names the file (and line or row) and says what
     is wrong, so it can be shown without a traceback."""
 

@@ -76,12 +76,7 @@ def train(cfg: RunConfig) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
 
     model, tokenizer = load_model_and_tokenizer(cfg, rt)
-    try:
-        data = prepare_data(cfg, tokenizer, rt)
-    except UserError:
-        raise
-    except (ValueError, OSError) as e:  # the data package raises these for its input: a file, a line, a key
-        raise UserError(str(e)) from e
+    data = prepare_data(cfg, tokenizer, rt)  # its errors about the user's files are DataErrors
     rows_per_rank_step = cfg.train.global_batch_size // rt.world_size
     accumulation = rows_per_rank_step // cfg.train.micro_batch_size
     if accumulation * cfg.train.micro_batch_size * rt.world_size != cfg.train.global_batch_size:

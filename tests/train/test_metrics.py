@@ -73,6 +73,9 @@ def test_wandb_offline_receives_every_logged_scalar(tmp_path, monkeypatch):
     with MetricsLogger(tmp_path, tensorboard=False, wandb=settings) as logger:
         logger.log(1, loss=3.0517578125, lr=0.001953125)
         logger.log(2, eval_loss=2.7182818)
+    import wandb
+
+    wandb.teardown()  # waits for wandb's writer process to flush the offline run to disk
     # wandb keeps an offline run as one protobuf record log under output_dir/wandb; the history
     # rows carry each key and its JSON value as plain bytes.
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
