@@ -107,3 +107,15 @@ def test_loss_and_gradient_equal_trl(tmp_path, trl_tokenizer, loss_type, aggrega
         assert ours_out.clip_fraction.item() == pytest.approx(trl_clip, abs=1e-6)
     for name, param in ours.named_parameters():
         assert relative_error(param.grad, trl_grads[name]) <= 1e-4, name
+
+
+def test_group_advantages_use_trls_std():
+    """TRL's advantages are `(r - group mean) / (nanstd(group) + 1e-4)`, its std Bessel-corrected."""
+    from trl.trainer.utils import nanstd
+
+    from qwen35.rl.loss import group_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 1.0, 1.0])
+    groups = rewards.view(2, 4)
+    theirs = (groups - groups.mean(1, keepdim=True)) / (nanstd(groups, dim=1).unsqueeze(1) + 1e-4)
+    torch.testing.assert_close(group_advantages(rewards, 4, eps=1e-4), theirs.view(-1))
