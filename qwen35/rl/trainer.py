@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwen35.rl.data import PromptExample
 from qwen35.rl.logprobs import completion_logprobs, pack_samples
 from qwen35.rl.loss import LossConfig, group_advantages, grpo_loss, token_weights
 from qwen35.rl.rewards import RewardFn, score_completions
@@ -43,13 +44,6 @@ class GRPOConfig:
     def __post_init__(self):
         if self.mini_batches < 1 or self.ppo_epochs < 1 or self.micro_batch_size < 1:
             raise ValueError("grpo.mini_batches, grpo.ppo_epochs and grpo.micro_batch_size must be >= 1")
-
-
-@dataclass(frozen=True)
-class PromptExample:
-    prompt_ids: list[int]  # rendered with the chat template and the generation prompt
-    prompt_text: str
-    label: str
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -8,7 +8,8 @@ from qwen35.model import Qwen35Config, Qwen35ForCausalLM
 from qwen35.rl.loss import LossConfig
 from qwen35.rl.rewards import resolve_reward
 from qwen35.rl.rollout import SamplingConfig
-from qwen35.rl.trainer import GRPOConfig, PromptExample, grpo_step
+from qwen35.rl.data import PromptExample
+from qwen35.rl.trainer import GRPOConfig, grpo_step
 
 
 def tiny_policy(vocab_size=97, eos=1, seed=0):
