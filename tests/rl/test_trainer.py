@@ -70,10 +70,22 @@ def test_grpo_step_on_the_arithmetic_task_with_kl_to_a_reference():
                         lambda ids: tok.decode(ids, skip_special_tokens=True), cfg, torch.Generator().manual_seed(0),
                         reference=reference)
     assert metrics["reward_mean"] == 0.0 and metrics["accuracy"] == 0.0  # an untrained model: scored, not right
-    assert metrics["groups_all_equal"] == 3 and metrics["reward_errors"] == 0
+    assert metrics["groups_kept"] == 3 and metrics["groups_dropped"] == 0 and metrics["reward_errors"] == 0
     assert metrics["clip_fraction"] == 0.0  # one on-policy update: every ratio is exactly 1
     assert metrics["kl"] > 0.0  # two different random models
     assert metrics["truncation_ratio"] > 0.0 and metrics["response_length_max"] == 5
     assert metrics["logprob_mismatch_max"] <= 1e-5
     # all advantages are 0, so only the KL term moves the weights
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_overlong_mask_takes_truncated_completions_out_of_the_loss():
+    examples = [PromptExample([5 + i, 30 + i], "", "") for i in range(2)]
+    for overlong, moved in (("mask", False), ("none", True)):
+        policy = tiny_policy(eos=None)  # no stop token: every completion is truncated
+        before = [p.detach().clone() for p in policy.parameters()]
+        cfg = GRPOConfig(sampling=SamplingConfig(n_samples_per_prompt=4, max_response_length=3), overlong=overlong)
+        metrics = grpo_step(policy, torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.0), examples,
+                            low_tokens, lambda ids: " ".join(map(str, ids)), cfg, torch.Generator().manual_seed(1))
+        assert metrics["truncation_ratio"] == 1.0 and metrics["reward_std"] > 0
+        assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters())) == moved
