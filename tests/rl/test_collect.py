@@ -1,6 +1,6 @@
 import torch
 
-from test_trainer import tiny_policy
+from test_grpo_step import tiny_policy
 from qwen35.rl.collect import collect_batch, overlong_penalty
 from qwen35.rl.data import PromptExample
 from qwen35.rl.rollout import SamplingConfig
