@@ -67,7 +67,8 @@ def _logprobs_of(model, rollout: Rollout, indices: list[int], cfg: GRPOConfig) -
     """Per-sample completion log-probs under `model`, by training forwards of micro-batches."""
     out = []
     for chunk in _chunks(indices, cfg.micro_batch_size):
-        samples = pack_samples([rollout.prompt_ids[i] for i in chunk], [rollout.completion_ids[i] for i in chunk])
+        samples = pack_samples([rollout.prompt_ids[i] for i in chunk], [rollout.completion_ids[i] for i in chunk],
+                               next(model.parameters()).device)
         logp, _ = completion_logprobs(model, samples, cfg.sampling.temperature)
         out += list(logp.split(samples.completion_lengths))
     return out
@@ -96,7 +97,7 @@ def grpo_step(policy, optimizer, examples: Sequence[PromptExample], reward_fn: R
     old_logp = _logprobs_of(policy, rollout, everything, cfg)
     ref_logp = _logprobs_of(reference, rollout, everything, cfg) if cfg.loss.kl_coef else None
     engine = torch.tensor([v for row in rollout.logprobs for v in row])
-    trained = torch.cat(old_logp) if old_logp else torch.zeros(0)
+    trained = torch.cat(old_logp).cpu() if old_logp else torch.zeros(0)
     delta = engine - trained
 
     # 5: updates
@@ -113,7 +114,8 @@ def grpo_step(policy, optimizer, examples: Sequence[PromptExample], reward_fn: R
             step_sequences = int(global_sum(torch.tensor(sum(1 for n_tok in lengths if n_tok))))
             stats = {k: 0.0 for k in totals if k != "grad_norm"}
             for micro in _chunks(mini, cfg.micro_batch_size):
-                packed = pack_samples([rollout.prompt_ids[i] for i in micro], [rollout.completion_ids[i] for i in micro])
+                packed = pack_samples([rollout.prompt_ids[i] for i in micro], [rollout.completion_ids[i] for i in micro],
+                                      next(policy.parameters()).device)
                 if not sum(len(rollout.completion_ids[i]) for i in micro if in_loss[i]):
                     continue
                 logp, entropy = completion_logprobs(policy, packed, cfg.sampling.temperature, with_entropy=True)
