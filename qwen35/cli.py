@@ -1,4 +1,4 @@
-"""The `qwen35` command: train, generate, eval, plot.
+"""The `qwen35` command: train, rl, generate, eval, plot.
 
 Exit codes: 0 done; 1 an internal error (with its traceback); 2 a user error (bad config, data,
 path, or a refused output-directory state; one message, no traceback unless `--debug` or
@@ -89,6 +89,18 @@ def _train(args: list[str]) -> int:
     return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
 
 
+def _rl(args: list[str]) -> None:
+    """`rl`: so far the built-in run only; config files and flags come with the shared run-config parser."""
+    if "-h" in args or "--help" in args:
+        print(RL_USAGE)
+        return
+    if args:
+        raise UserError(f"qwen35 rl: unexpected arguments {args}\n\n{RL_USAGE}")
+    from qwen35.rl.builtin import run_builtin
+
+    run_builtin()
+
+
 def _eval(args: argparse.Namespace) -> None:
     from qwen35.train.builtin import evaluate_model_dir
 
@@ -123,6 +135,15 @@ data.train_path the run trains on that task. Keys may be set in the YAML file or
 """
 
 
+RL_USAGE = """usage: qwen35 rl
+
+The built-in GRPO run: starts from the built-in SFT run's export (outputs/default/final, trained
+first when missing), runs GRPO on the generated arithmetic task with exact match as the reward,
+and prints held-out exact match before and after (also in outputs/default-rl/eval.json).
+Docs: docs/rl.md.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen35", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("train", help="train: qwen35 train [CONFIG.yaml] [--section.key VALUE ...]; "
                         "without arguments, the built-in default run", add_help=False)
+
+    commands.add_parser("rl", help="GRPO: qwen35 rl runs the built-in run (see qwen35 rl --help)", add_help=False)
 
     evaluate = commands.add_parser("eval", help="exact-match accuracy on the built-in task's held-out set")
     evaluate.add_argument("--model", required=True, help="model directory")
@@ -173,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "train":
             code = _train(argv[1:])
+        elif argv and argv[0] == "rl":
+            _rl(argv[1:])
+            code = 0
         else:
             args = build_parser().parse_args(argv)
             args.run(args)

@@ -41,8 +41,11 @@ def generate(
     top_p: float = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """Returns the new tokens of each prompt (up to and including the first eos)."""
+    return_logprobs: bool = False,
+):
+    """Returns the new tokens of each prompt (up to and including the first eos); with
+    `return_logprobs`, also each token's `log softmax(logits / temperature)` (temperature 1 when
+    greedy), before top-k/top-p filtering: the log-prob a training forward computes for it."""
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
@@ -61,13 +64,20 @@ def generate(
     hidden = model.model(packed, cu_seqlens=cu_seqlens, cache=cache)
     logits = model.lm_head(hidden[0, cu_seqlens[1:].long() - 1])
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    new_tokens = []
+    new_tokens, logprobs = [], []
+    scale = temperature if do_sample and temperature > 0 else 1.0
     for _ in range(max_new_tokens):
         token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
         new_tokens.append(torch.where(finished, -1, token))
+        if return_logprobs:
+            logprobs.append(torch.log_softmax(logits.float() / scale, dim=-1).gather(-1, token[:, None])[:, 0])
         finished |= torch.isin(token, eos)
         if bool(finished.all()):
             break
         logits = model.lm_head(model.model(token[:, None], cache=cache)[:, -1])
     rows = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
-    return [[t for t in row if t >= 0] for row in rows]
+    tokens = [[t for t in row if t >= 0] for row in rows]
+    if not return_logprobs:
+        return tokens
+    values = torch.stack(logprobs, dim=1).tolist() if logprobs else [[] for _ in prompts]
+    return tokens, [row[: len(kept)] for row, kept in zip(values, tokens)]

@@ -1,0 +1,1 @@
+"""GRPO: rollouts from our own decoding engine, verifiable rewards, a clipped policy loss."""

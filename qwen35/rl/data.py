@@ -1,0 +1,53 @@
+"""Prompt data for GRPO: records with a prompt and a label, dapo-math-17k's layout.
+
+A record's prompt (key `input_key`, default `prompt`) is a string or a list of chat messages; it
+is rendered with the model's chat template and the generation prompt (`enable_thinking` passed to
+the template when set). The label (key `label_key`, default `label`) is what the reward checks
+the completion against. JSONL, JSON and parquet files are read as for SFT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen35.data.formats import iter_records
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    prompt_ids: list[int]  # rendered with the chat template and the generation prompt
+    prompt_text: str
+    label: str
+
+
+def _messages(prompt, where: str, input_key: str) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if (isinstance(prompt, list) and prompt
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in prompt)):
+        return prompt
+    raise ValueError(f"{where}: {input_key!r} must be a string or a list of {{role, content}} messages")
+
+
+def load_prompts(path: str | Path, tokenizer, input_key: str = "prompt", label_key: str = "label",
+                 enable_thinking: bool | None = None, limit: int | None = None) -> list[PromptExample]:
+    """Every record of `path` rendered for generation; a record without either key is an error
+    that names the file, the line and the keys the record has."""
+    template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    examples = []
+    for where, record in iter_records(Path(path)):
+        if limit is not None and len(examples) >= limit:
+            break
+        if isinstance(record, Exception):
+            raise ValueError(str(record))
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: a prompt record must be an object")
+        for key, option in ((input_key, "data.input_key"), (label_key, "data.label_key")):
+            if key not in record:
+                raise ValueError(f"{where}: no {key!r} ({option}); the record has {sorted(record)}")
+        messages = _messages(record[input_key], where, input_key)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        examples.append(PromptExample(list(ids), text, str(record[label_key])))
+    return examples
