@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen35.data.formats import iter_records
+from qwen35.data.formats import DataError, iter_records, parse_record
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ def _messages(prompt, where: str, input_key: str) -> list[dict]:
     if (isinstance(prompt, list) and prompt
             and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in prompt)):
         return prompt
-    raise ValueError(f"{where}: {input_key!r} must be a string or a list of {{role, content}} messages")
+    raise DataError(f"{where}: {input_key!r} must be a string or a list of {{role, content}} messages")
 
 
 def load_prompts(path: str | Path, tokenizer, input_key: str = "prompt", label_key: str = "label",
@@ -36,16 +36,15 @@ def load_prompts(path: str | Path, tokenizer, input_key: str = "prompt", label_k
     that names the file, the line and the keys the record has."""
     template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     examples = []
-    for where, record in iter_records(Path(path)):
+    for where, raw in iter_records(Path(path)):
         if limit is not None and len(examples) >= limit:
             break
-        if isinstance(record, Exception):
-            raise ValueError(str(record))
+        record = parse_record(where, raw)  # a line that is not JSON raises, naming file and line
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: a prompt record must be an object")
+            raise DataError(f"{where}: a prompt record must be an object")
         for key, option in ((input_key, "data.input_key"), (label_key, "data.label_key")):
             if key not in record:
-                raise ValueError(f"{where}: no {key!r} ({option}); the record has {sorted(record)}")
+                raise DataError(f"{where}: no {key!r} ({option}); the record has {sorted(record)}")
         messages = _messages(record[input_key], where, input_key)
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
