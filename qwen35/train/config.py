@@ -46,7 +46,7 @@ class ModelConfig:
         None, "Local Hugging Face model directory (config.json, safetensors, tokenizer); "
         "null: the built-in tiny model", path=True)
     preset: str | None = option(
-        None, "Random-initialised model of a named size (qwen35.model.PRESETS: 0.8B, 9B, ...) "
+        None, "Random-initialised model of a named size (qwen35.model.PRESETS: 0.8B, 9B, 35B-A3B, tiny-moe, ...) "
         "instead of a checkpoint; exclusive with path")
     kernels: Literal["auto", "reference", "fast"] = option(
         "auto", "Token-mixer kernels: fast (GPU: flash-linear-attention, varlen flash attention, "

@@ -6,6 +6,7 @@ Kept apart from the loop in `trainer.py` so the loop reads as the loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import resource
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from qwen35.data.dataset import build_datasets
 from qwen35.data.loader import PackedLoader
-from qwen35.model import Qwen35ForCausalLM, preset
+from qwen35.model import Qwen35Config, Qwen35ForCausalLM, preset
 from qwen35 import ops
 from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers, reset_lora_parameters, save_adapter
 from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
@@ -115,11 +116,21 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
     else:
         # Random weights: every rank draws the same full model from the seed, then keeps its shards.
         tokenizer = builtin.tokenizer(cfg)
-        config = preset(cfg.model.preset) if cfg.model.preset else builtin.model_config(tokenizer)
+        config = _preset_for(cfg.model.preset, tokenizer) if cfg.model.preset else builtin.model_config(tokenizer)
         model = Qwen35ForCausalLM.from_config(config, device=rt.device, dtype=_parameter_dtype(cfg, rt))
         parallelize(model)
     model.train()
     return model, tokenizer
+
+
+def _preset_for(name: str, tokenizer) -> Qwen35Config:
+    """A preset trained with the run's tokenizer: its vocabulary must fit, and generation and
+    export stop and pad at that tokenizer's ids."""
+    config = preset(name)
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"model.preset {name}: vocab_size {config.vocab_size} is smaller than the "
+                         f"tokenizer's {len(tokenizer)} entries")
+    return dataclasses.replace(config, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 def _parameter_dtype(cfg: RunConfig, rt: Runtime) -> torch.dtype:
