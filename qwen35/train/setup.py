@@ -22,6 +22,7 @@ from qwen35.model import Qwen35Config, Qwen35ForCausalLM, preset
 from qwen35 import ops
 from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers, reset_lora_parameters, save_adapter
 from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
+from qwen35.parallel.expert import apply_expert_parallel, expert_parallel_mesh
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
 from qwen35.train.config import RunConfig
 
@@ -86,6 +87,10 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
 
     if cfg.optim.cpu_offload and rt.world_size > 1:
         raise ValueError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
+    if cfg.parallel.ep > 1 and rt.world_size % cfg.parallel.ep:
+        raise ValueError(f"parallel.ep ({cfg.parallel.ep}) must divide the number of ranks ({rt.world_size})")
+    if cfg.parallel.ep > 1 and cfg.lora.target_parameters:
+        raise ValueError("parallel.ep with lora.target_parameters (adapters on the routed experts) is not built")
 
     def parallelize(model):  # adapters, then torchtitan's order: checkpointing, compile, FSDP
         if cfg.lora.rank:
@@ -95,9 +100,13 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
             apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
         if cfg.train.compile:
             compile_layers(model)
+        expert_mesh = None
+        if cfg.parallel.ep > 1:
+            expert_mesh = expert_parallel_mesh(rt.device.type, cfg.parallel.ep)
+            apply_expert_parallel(model, expert_mesh)
         if rt.world_size > 1:
             apply_fsdp(model, data_parallel_mesh(rt.device.type), cfg.parallel.reshard_after_forward,
-                       cfg.parallel.cpu_offload)
+                       cfg.parallel.cpu_offload, expert_mesh)
 
     if cfg.model.path:
         path = Path(cfg.model.path)

@@ -97,23 +97,39 @@ def test_sharded_loading_keeps_each_rank_well_below_the_model_size(tmp_path):
         assert growth < 0.7 * size, (rank, growth / 2**20, size / 2**20)
 
 
+def _assert_same_moe_run(one_dir, two_dir):
+    one, two = _losses(one_dir), _losses(two_dir)
+    assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
+    norms_one, norms_two = _losses(one_dir, "grad_norm"), _losses(two_dir, "grad_norm")
+    assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-4
+    aux_one, aux_two = _losses(one_dir, "moe_aux_loss"), _losses(two_dir, "moe_aux_loss")
+    assert max(abs(aux_one[s] - aux_two[s]) for s in one) <= 1e-6
+
+
 def test_moe_fsdp_matches_one_process_and_shards_the_experts_along_the_expert_dimension(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
-    # Without router losses: they are per-micro-batch terms (as in transformers), and each rank
-    # packs its own documents into rows, so 1 and 2 processes balance over different rows.
-    tiny_model_dir(tmp_path / "model", moe=True, router_aux_loss_coef=0.0)  # 4 experts
+    # Router losses on, per micro-batch (the default): rank r's micro-batch holds the rows that
+    # one process with the same micro_batch_size runs as its r-th micro-batch of the step.
+    tiny_model_dir(tmp_path / "model", moe=True, router_aux_loss_coef=0.1)  # 4 experts
     build_task(tmp_path / "task", n_train=400, n_val=8)
-    extra = ["--train.save_steps", "8"]
+    extra = ["--train.save_steps", "8", "--train.router_z_loss_coef", "1e-3"]
     _ok(_launch(_flags(tmp_path, "one", 8, *extra), nproc=1))
     _ok(_launch(_flags(tmp_path, "two", 8, *extra), nproc=2))
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
-    norms_one, norms_two = _losses(tmp_path / "one", "grad_norm"), _losses(tmp_path / "two", "grad_norm")
-    assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-4
+    _assert_same_moe_run(tmp_path / "one", tmp_path / "two")
     saved = FileSystemReader(str(tmp_path / "two" / "checkpoints" / "step_00000008")).read_metadata()
     chunks = saved.state_dict_metadata["model.model.layers.0.mlp.experts.gate_up_proj"].chunks
     assert sorted((c.offsets[0], c.sizes[0]) for c in chunks) == [(0, 2), (2, 2)]  # two experts per rank
+
+
+def test_moe_global_balance_over_the_step_on_two_processes_equals_one_process(tmp_path):
+    """The step's f_e over every micro-batch and rank: 2 ranks x 1 micro-batch equal 1 rank x 2."""
+    tiny_model_dir(tmp_path / "model", moe=True, router_aux_loss_coef=0.1)
+    build_task(tmp_path / "task", n_train=400, n_val=8)
+    extra = ["--train.router_balance", "global", "--train.router_z_loss_coef", "1e-3"]
+    _ok(_launch(_flags(tmp_path, "one", 6, *extra), nproc=1))
+    _ok(_launch(_flags(tmp_path, "two", 6, *extra), nproc=2))
+    _assert_same_moe_run(tmp_path / "one", tmp_path / "two")
 
 
 def test_lora_with_fsdp_and_activation_checkpointing_matches_one_process(tmp_path):
