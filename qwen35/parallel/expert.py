@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import (AsyncCollectiveTensor, all_to_all_single_autograd,
+                                                      wait_tensor)
 from torch.distributed.tensor import DTensor, Shard
 
 from qwen35 import ops
@@ -46,8 +47,9 @@ class ExpertParallelExperts(Experts):
     def forward(self, x_ND, weights_NK, experts_NK):
         if len(self.weight_adapters):
             raise NotImplementedError("adapters on the routed experts are not built for expert parallelism")
-        gate_up, down = (w.to_local() if isinstance(w, DTensor) else w for w in (self.gate_up_proj, self.down_proj))
         group, ep = self.ep_mesh.get_group(), self.ep_mesh.size()
+        gate_up, down = (_ScaleGrad.apply(w.to_local() if isinstance(w, DTensor) else w, 1.0 / ep)
+                         for w in (self.gate_up_proj, self.down_proj))
         num_local, top_k = gate_up.shape[0], experts_NK.shape[1]
 
         choice = experts_NK.flatten()
@@ -69,9 +71,27 @@ class ExpertParallelExperts(Experts):
         return torch.zeros_like(x_ND).index_add_(0, token, y_CD.to(x_ND.dtype))
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times `scale`. The trainer's data-parallel convention: each rank
+    backpropagates its share of the loss times the number of data-parallel ranks, and FSDP
+    averages. A local expert's gradient arrives summed over the ep group's ranks by the
+    all-to-all's backward, so it is ep shares, where FSDP's average over `dp_mod_ep` expects one."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 def _exchange(rows: torch.Tensor, receive: list[int], send: list[int], group) -> torch.Tensor:
-    out = rows.new_empty((sum(receive), *rows.shape[1:]))
-    return all_to_all_single(out, rows.contiguous(), receive, send, group=group)
+    """Sends `send[r]` rows to rank r of the group, receives `receive[r]` from it; differentiable
+    (its backward is the reverse exchange)."""
+    out = all_to_all_single_autograd(rows.contiguous(), receive, send, group)
+    return wait_tensor(out) if isinstance(out, AsyncCollectiveTensor) else out
 
 
 def apply_expert_parallel(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:
@@ -79,9 +99,10 @@ def apply_expert_parallel(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.
     or on the meta device before loading) and swaps in the dispatching forward."""
     ep_mesh = mesh["ep"]
     ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
-    for module in model.modules():
-        if not isinstance(module, Experts):
-            continue
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    if not experts:
+        raise ValueError("parallel.ep > 1 needs an MoE model (num_experts > 0 in its config)")
+    for module in experts:
         num_experts = module.gate_up_proj.shape[0]
         if num_experts % ep:
             raise ValueError(f"parallel.ep ({ep}) must divide the number of experts ({num_experts})")

@@ -24,9 +24,7 @@ def data_parallel_mesh(device_type: str) -> DeviceMesh:
 def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True,
                cpu_offload: bool = False, expert_mesh: DeviceMesh | None = None) -> torch.nn.Module:
     """`expert_mesh` (expert parallelism, `qwen35.parallel.expert`): the routed experts, already
-    split over its `ep` dimension, become their own unit sharded over `dp_mod_ep`. Their
-    gradients arrive summed over the ep group by the all-to-all's backward, so the reduction
-    divides by every data-parallel rank, not only the `dp_mod_ep` ranks it averages over."""
+    split over its `ep` dimension, become their own unit sharded over `dp_mod_ep`."""
     policy = dict(
         reshard_after_forward=reshard_after_forward,
         mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
@@ -35,7 +33,6 @@ def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, reshard_after_forward: 
     for layer in model.model.layers:
         if expert_mesh is not None and getattr(layer, "is_moe", False):
             fully_shard(layer.mlp.experts, mesh=expert_mesh["dp_mod_ep"], **policy)
-            layer.mlp.experts.set_gradient_divide_factor(float(dist.get_world_size()))
         fully_shard(layer, mesh=mesh, **policy)
     fully_shard(model, mesh=mesh, **policy)
     return model

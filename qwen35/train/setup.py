@@ -87,6 +87,8 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
 
     if cfg.optim.cpu_offload and rt.world_size > 1:
         raise ValueError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
+    if cfg.parallel.ep < 1:
+        raise ValueError(f"parallel.ep must be >= 1, got {cfg.parallel.ep}")
     if cfg.parallel.ep > 1 and rt.world_size % cfg.parallel.ep:
         raise ValueError(f"parallel.ep ({cfg.parallel.ep}) must divide the number of ranks ({rt.world_size})")
     if cfg.parallel.ep > 1 and cfg.lora.target_parameters:
