@@ -94,18 +94,18 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
     if cfg.parallel.ep > 1 and cfg.lora.target_parameters:
         raise ValueError("parallel.ep with lora.target_parameters (adapters on the routed experts) is not built")
 
-    def parallelize(model):  # adapters, then torchtitan's order: checkpointing, compile, FSDP
+    def parallelize(model):  # adapters, then torchtitan's order: expert parallel, checkpointing, compile, FSDP
         if cfg.lora.rank:
             apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
                                            list(cfg.lora.target_modules), list(cfg.lora.target_parameters)))
-        if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
-        if cfg.train.compile:
-            compile_layers(model)
         expert_mesh = None
         if cfg.parallel.ep > 1:
             expert_mesh = expert_parallel_mesh(rt.device.type, cfg.parallel.ep)
             apply_expert_parallel(model, expert_mesh)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
+        if cfg.train.compile:
+            compile_layers(model)
         if rt.world_size > 1:
             apply_fsdp(model, data_parallel_mesh(rt.device.type), cfg.parallel.reshard_after_forward,
                        cfg.parallel.cpu_offload, expert_mesh)

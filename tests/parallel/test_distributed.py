@@ -168,11 +168,11 @@ def _assert_same_gradients(one, other):
 
 def test_expert_parallel_on_two_processes_equals_one_process(tmp_path, one_process_moe_gradients):
     """ep=2: each rank holds 4 of the 8 experts; losses step by step (router losses on), the
-    gradient of a step, and the checkpoint holding each rank's experts."""
+    gradient of a step, and the checkpoint holding each rank's experts, which resumes without ep."""
     from torch.distributed.checkpoint import FileSystemReader
 
     _ok(_launch(_tiny_moe_flags(tmp_path, "one", 6), nproc=1))
-    _ok(_launch(_tiny_moe_flags(tmp_path, "ep2", 6, "--parallel.ep", "2", "--train.save_steps", "6"), nproc=2))
+    _ok(_launch(_tiny_moe_flags(tmp_path, "ep2", 6, "--parallel.ep", "2", "--train.save_steps", "3"), nproc=2))
     one, ep2 = _losses(tmp_path / "one"), _losses(tmp_path / "ep2")
     assert sorted(one) == sorted(ep2) == list(range(1, 7))
     assert max(abs(one[s] - ep2[s]) for s in one) <= 1e-5
@@ -180,6 +180,10 @@ def test_expert_parallel_on_two_processes_equals_one_process(tmp_path, one_proce
     saved = FileSystemReader(str(tmp_path / "ep2" / "checkpoints" / "step_00000006")).read_metadata()
     chunks = saved.state_dict_metadata["model.model.layers.0.mlp.experts.gate_up_proj"].chunks
     assert sorted((c.offsets[0], c.sizes[0]) for c in chunks) == [(0, 4), (4, 4)]
+    step3 = tmp_path / "ep2" / "checkpoints" / "step_00000003"  # resumed without ep, on one process
+    _ok(_launch(_tiny_moe_flags(tmp_path, "resumed", 6, "--train.resume", str(step3)), nproc=1))
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6] and max(abs(one[s] - resumed[s]) for s in resumed) <= 1e-5
     _assert_same_gradients(one_process_moe_gradients, _step_gradients(tmp_path, "grads_ep2", 2, "--parallel.ep", "2"))
 
 
