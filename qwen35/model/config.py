@@ -169,12 +169,29 @@ _MOE = {"35B-A3B": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate
                         shared_expert_intermediate_size=512),
         "122B-A10B": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1024,
                           shared_expert_intermediate_size=1024)}
-PRESETS = tuple(_SIZES)
+# CPU-sized models for the built-in task and tokenizer (`qwen35.data.tokenizer`: at most 1,024
+# entries; its end-of-turn and padding ids come from the tokenizer the run builds). tiny-moe is the built-in tiny model's
+# shape (`qwen35.train.builtin.model_config`) with an MoE block in every layer: 8 experts (so
+# that expert parallelism over 2, 4 or 8 ranks has whole experts per rank), top 2, a shared
+# expert, transformers' default balancing coefficient.
+_CPU_PRESETS = {
+    "tiny-moe": dict(
+        vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, linear_key_head_dim=32, linear_value_head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=2,
+        tie_word_embeddings=True, rope_theta=10000.0,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
+        shared_expert_intermediate_size=96, router_aux_loss_coef=0.001,
+    ),
+}
+PRESETS = tuple(_SIZES) + tuple(_CPU_PRESETS)
 
 
 def preset(name: str, **overrides: Any) -> Qwen35Config:
+    if name in _CPU_PRESETS:
+        return Qwen35Config(**{**_CPU_PRESETS[name], **overrides})
     if name not in _SIZES:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(_SIZES)}")
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     hidden, layers, heads, kv, ffn, v_heads, tied = _SIZES[name]
     args = dict(
         hidden_size=hidden,

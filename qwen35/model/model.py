@@ -18,7 +18,7 @@ from qwen35 import ops
 from qwen35.model.cache import InferenceCache
 from qwen35.model.config import Qwen35Config
 from qwen35.model.gated_delta import GatedDeltaNet, GatedRMSNorm
-from qwen35.model.moe import Experts, Router, RouterStats, SparseMoeBlock, router_stats
+from qwen35.model.moe import Experts, Router, RouterLogits, RouterStats, SparseMoeBlock, router_stats
 from qwen35.ops.segments import document_starts, positions_in_documents
 
 IGNORE_INDEX = -100
@@ -151,7 +151,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, rotary, cu_seqlens=None, cache=None, cache_slots=None, cache_lengths=None,
-                router_logits: list | None = None):
+                router_logits: RouterLogits | None = None):
         """`router_logits`, when given, collects an MoE layer's router logits."""
         h = autocast_input(self.input_layernorm(x))
         if self.layer_type == "linear_attention":
@@ -164,7 +164,7 @@ class DecoderLayer(nn.Module):
         # not cast here: the MoE block sums its experts' outputs in the dtype of its input
         h, logits = self.mlp(self.post_attention_layernorm(x))
         if router_logits is not None:
-            router_logits.append(logits)
+            router_logits.layers.append(logits)
         return x + h
 
 
@@ -177,7 +177,7 @@ class Qwen35Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache: InferenceCache | None = None,
-                router_logits: list | None = None):
+                router_logits: RouterLogits | None = None):
         batch, length = input_ids.shape
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"a packed row (cu_seqlens) must be passed as a batch of one, got batch {batch}")
@@ -239,7 +239,7 @@ class Qwen35ForCausalLM(nn.Module):
 
         In a packed row a document's first token is never a target of the token before it.
         """
-        router_logits = [] if self.config.num_experts and labels is not None else None
+        router_logits = RouterLogits() if self.config.num_experts and labels is not None else None
         hidden = self.model(input_ids, position_ids, cu_seqlens, cache, router_logits)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden))
@@ -247,8 +247,8 @@ class Qwen35ForCausalLM(nn.Module):
         loss_sum = ops.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
         count = (targets != IGNORE_INDEX).sum()
         out = CausalLMOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_loss_tokens=count)
-        if router_logits:
-            out.router = router_stats(router_logits, self.config.num_experts_per_tok)
+        if router_logits is not None and router_logits.layers:
+            out.router = router_stats(router_logits.layers, self.config.num_experts_per_tok)
             out.loss = out.loss + self.config.router_aux_loss_coef * out.router.aux_loss
         return out
 

@@ -73,6 +73,17 @@ class SparseMoeBlock(nn.Module):
         return out.view_as(x_BTD), logits
 
 
+class RouterLogits:
+    """The router logits `[tokens, E]` of each MoE layer of one forward, in layer order.
+
+    An object rather than a bare list, because it is passed down as a layer argument: a module
+    wrapper that flattens its arguments into a tree and rebuilds them would hand each layer a copy
+    of a list, and the appends would be lost."""
+
+    def __init__(self) -> None:
+        self.layers: list[torch.Tensor] = []
+
+
 @dataclass
 class RouterStats:
     """What the routers of one forward did, over every MoE layer."""
@@ -80,6 +91,16 @@ class RouterStats:
     aux_loss: torch.Tensor  # load balancing, unscaled (the model adds router_aux_loss_coef * aux)
     z_loss: torch.Tensor  # mean over tokens and layers of logsumexp(router logits)^2 (ST-MoE)
     tokens_per_expert: torch.Tensor  # [layers, E] top-k assignments, no gradient
+    # The sums both losses are made of, for a trainer that balances over more than one forward
+    # (`qwen35.train.step`): aux = E * sum_e (assigned_e / rows) * (prob_sum_e / rows).
+    prob_sum: torch.Tensor  # [E] router probabilities summed over tokens and layers (with gradient)
+    z_sum: torch.Tensor  # logsumexp(router logits)^2 summed over tokens and layers (with gradient)
+    rows: int  # tokens x MoE layers
+
+
+def balance_loss(assigned_E: torch.Tensor, prob_sum_E: torch.Tensor, rows) -> torch.Tensor:
+    """`E * sum_e f_e * p_e` from top-k assignment counts (no gradient) and probability sums."""
+    return assigned_E.shape[-1] * torch.sum((assigned_E / rows) * (prob_sum_E / rows))
 
 
 def router_stats(router_logits: list[torch.Tensor], top_k: int) -> RouterStats:
@@ -93,6 +114,6 @@ def router_stats(router_logits: list[torch.Tensor], top_k: int) -> RouterStats:
         prob_sums.append(probs.sum(dim=0))
         z_sum = z_sum + torch.logsumexp(logits, dim=-1).square().sum()
     rows = sum(logits.shape[0] for logits in router_logits)
-    assigned, prob_sum = torch.stack(counts).sum(0), torch.stack(prob_sums).sum(0)
-    aux = num_experts * torch.sum((assigned / rows) * (prob_sum / rows))
-    return RouterStats(aux, z_sum / rows, torch.stack(counts))
+    counts_LE, prob_sum = torch.stack(counts), torch.stack(prob_sums).sum(0)
+    aux = balance_loss(counts_LE.sum(0), prob_sum, rows)
+    return RouterStats(aux, z_sum / rows, counts_LE, prob_sum, z_sum, rows)

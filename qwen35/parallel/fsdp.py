@@ -22,14 +22,17 @@ def data_parallel_mesh(device_type: str) -> DeviceMesh:
 
 
 def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True,
-               cpu_offload: bool = False) -> torch.nn.Module:
+               cpu_offload: bool = False, expert_mesh: DeviceMesh | None = None) -> torch.nn.Module:
+    """`expert_mesh` (expert parallelism, `qwen35.parallel.expert`): the routed experts, already
+    split over its `ep` dimension, become their own unit sharded over `dp_mod_ep`."""
     policy = dict(
-        mesh=mesh,
         reshard_after_forward=reshard_after_forward,
         mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
         offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
     )
     for layer in model.model.layers:
-        fully_shard(layer, **policy)
-    fully_shard(model, **policy)
+        if expert_mesh is not None and getattr(layer, "is_moe", False):
+            fully_shard(layer.mlp.experts, mesh=expert_mesh["dp_mod_ep"], **policy)
+        fully_shard(layer, mesh=mesh, **policy)
+    fully_shard(model, mesh=mesh, **policy)
     return model

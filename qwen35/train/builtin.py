@@ -10,6 +10,8 @@ checkpoint, and prints the held-out exact-match accuracy next to the untrained m
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +37,14 @@ def tokenizer(cfg: RunConfig):
 
     directory = _builtin_dir(cfg) / "tokenizer"
     if not (directory / "tokenizer.json").is_file():
-        build_tokenizer(directory)
+        # Built aside and renamed into place: every rank of a torchrun job builds the same files,
+        # and one rank must never read another's half-written directory.
+        partial = directory.with_name(f"tokenizer.partial{os.getpid()}")
+        build_tokenizer(partial)
+        try:
+            partial.rename(directory)
+        except OSError:  # another rank got there first
+            shutil.rmtree(partial)
     return AutoTokenizer.from_pretrained(directory)
 
 

@@ -46,7 +46,7 @@ class ModelConfig:
         None, "Local Hugging Face model directory (config.json, safetensors, tokenizer); "
         "null: the built-in tiny model", path=True)
     preset: str | None = option(
-        None, "Random-initialised model of a named size (qwen35.model.PRESETS: 0.8B, 9B, ...) "
+        None, "Random-initialised model of a named size (qwen35.model.PRESETS: 0.8B, 9B, 35B-A3B, tiny-moe, ...) "
         "instead of a checkpoint; exclusive with path")
     kernels: Literal["auto", "reference", "fast"] = option(
         "auto", "Token-mixer kernels: fast (GPU: flash-linear-attention, varlen flash attention, "
@@ -127,6 +127,10 @@ class TrainConfig:
         "memory, the MLP and the delta rule run in 64k-token slices")
     router_z_loss_coef: float = option(
         0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2) added to the loss; 0: off")
+    router_balance: Literal["micro_batch", "global"] = option(
+        "micro_batch", "MoE: the load-balancing and z losses per micro-batch of each rank (transformers' "
+        "form), or over the whole optimizer step, all micro-batches and ranks (global: one extra forward "
+        "without gradient per micro-batch to count the step's expert assignments first)")
 
 
 @dataclass
@@ -196,6 +200,9 @@ class ParallelConfig:
         True, "FSDP: free gathered weights after each forward (ZeRO-3); false keeps them (ZeRO-2)")
     cpu_offload: bool = option(
         False, "FSDP: keep parameters, gradients and optimizer state in CPU memory")
+    ep: int = option(
+        1, "MoE expert parallelism: each group of ep ranks splits every layer's routed experts (E/ep per "
+        "rank) and exchanges tokens by all-to-all; must divide the ranks and the experts; 1: off")
 
 
 @dataclass

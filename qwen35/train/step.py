@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen35.model.model import IGNORE_INDEX, next_token_targets
+from qwen35.model.moe import RouterStats, balance_loss
 
 
 def count_loss_tokens(batch: dict) -> torch.Tensor:
@@ -26,7 +27,43 @@ def count_loss_tokens(batch: dict) -> torch.Tensor:
 class StepResult:
     loss: torch.Tensor  # the step's mean token loss over every rank
     loss_tokens: torch.Tensor  # loss tokens of the step over every rank
-    router: dict[str, torch.Tensor] | None = None  # MoE: aux_loss, z_loss (step means), tokens_per_expert [L, E]
+    # MoE: aux_loss and z_loss as this rank's share of the step's values (summed over ranks they
+    # are the step's router losses), tokens_per_expert [L, E] this rank's assignments.
+    router: dict[str, torch.Tensor] | None = None
+
+
+def router_losses(stats: RouterStats, step_assigned: torch.Tensor | None, step_rows, num_micro: int,
+                  data_parallel_size: int):
+    """This rank's share of one micro-batch's (aux, z) router losses; the step's losses are the
+    sum of the shares over micro-batches and ranks.
+
+    Without step statistics (`micro_batch`, transformers' form): each rank's micro-batch is
+    balanced on its own; the step's losses are the mean over micro-batches and ranks.
+    With them (`global`): f_e, the fraction of the step's assignments that went to expert e over
+    every micro-batch, rank and layer, carries no gradient, so the step's balance loss
+    `E * sum_e f_e * P_e / rows` is linear in the probability sums P_e, and this micro-batch's
+    share is the same expression over its own sums: the shares add up to the step's loss and
+    each backward carries exactly its part of the gradient."""
+    if step_assigned is None:
+        share = num_micro * data_parallel_size
+        return stats.aux_loss / share, stats.z_loss / share
+    return balance_loss(step_assigned, stats.prob_sum, step_rows), stats.z_sum / step_rows
+
+
+@torch.no_grad()
+def step_assignments(model, micro_batches: Sequence[dict], autocast, global_sum) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's top-k assignments per expert [E] and routed rows (tokens x MoE layers), over
+    every micro-batch and rank: a forward without gradient, since a layer's routing depends on
+    every layer below it. The training forward then routes the same way (same weights, same
+    inputs); f_e carries no gradient, so this pass only has to count."""
+    stats = []
+    for batch in micro_batches:
+        with autocast():
+            router = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"),
+                           labels=batch["labels"]).router
+        stats.append(torch.cat([router.tokens_per_expert.sum(0), router.prob_sum.new_tensor([router.rows])]))
+    summed = global_sum(torch.stack(stats).sum(0))
+    return summed[:-1], summed[-1]
 
 
 def forward_backward(
@@ -36,28 +73,36 @@ def forward_backward(
     autocast_dtype: torch.dtype | None = None,
     router_z_loss_coef: float = 0.0,
     data_parallel_size: int = 1,
+    router_balance: str = "micro_batch",
 ) -> StepResult:
     """Accumulates the gradient of (step loss sum / step loss tokens), plus for MoE models the
-    router losses (per-micro-batch means, averaged over the step's micro-batches on every rank).
+    router losses (`router_losses`): per micro-batch (`micro_batch`) or over the whole step
+    (`global`, after a counting forward, `step_assignments`).
 
     FSDP averages the ranks' gradients; each rank's backward therefore runs on its share of the
     step's loss times `data_parallel_size`, so that the average is the whole step's gradient,
-    exactly what one process computes (and what clipping and the logged grad norm see)."""
+    exactly what one process computes (and what clipping and the logged grad norm see).
+    `global_count` sums a tensor over the data-parallel ranks."""
     count = global_count(sum(count_loss_tokens(b) for b in micro_batches)).clamp(min=1)
     total = torch.zeros((), device=count.device)
+    device_type = micro_batches[0]["input_ids"].device.type
+
+    def autocast():
+        return torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+
+    step_assigned = step_rows = None
+    if router_balance == "global" and model.config.num_experts:
+        step_assigned, step_rows = step_assignments(model, micro_batches, autocast, global_count)
     router = None
     for batch in micro_batches:
-        device_type = batch["input_ids"].device.type
-        autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype
-                    else contextlib.nullcontext())
-        with autocast:
+        with autocast():
             out = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"), labels=batch["labels"])
-        loss = out.loss_sum / count * data_parallel_size
+        loss = out.loss_sum / count
         if out.router is not None:
-            aux, z = out.router.aux_loss / len(micro_batches), out.router.z_loss / len(micro_batches)
+            aux, z = router_losses(out.router, step_assigned, step_rows, len(micro_batches), data_parallel_size)
             loss = loss + model.config.router_aux_loss_coef * aux + router_z_loss_coef * z
             this = {"aux_loss": aux.detach(), "z_loss": z.detach(), "tokens_per_expert": out.router.tokens_per_expert}
             router = this if router is None else {k: router[k] + v for k, v in this.items()}
-        loss.backward()
+        (loss * data_parallel_size).backward()
         total = total + out.loss_sum.detach()
     return StepResult(global_count(total) / count, count, router)

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from qwen35.errors import TrainingDiverged, UserError
+from qwen35.parallel.expert import clip_grad_norm_ as expert_clip_grad_norm_
 from qwen35.progress import progress
 from qwen35.train import checkpoint as ckpt
 from qwen35.train import guards, rundir
@@ -87,6 +88,8 @@ def train(cfg: RunConfig) -> TrainResult:
     steps_per_epoch = max(1, data.train_rows // cfg.train.global_batch_size)
     total_steps = cfg.train.max_steps or cfg.train.num_epochs * steps_per_epoch
 
+    # Experts and the rest live on different meshes under expert parallelism.
+    clip_grad_norm = expert_clip_grad_norm_ if cfg.parallel.ep > 1 else torch.nn.utils.clip_grad_norm_
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
                                 cfg.optim.cpu_offload)
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, total_steps, cfg.optim.scheduler, cfg.optim.min_lr_ratio)
@@ -128,9 +131,9 @@ def train(cfg: RunConfig) -> TrainResult:
             start = time.perf_counter()
             micro = [_to_device(next(batches), rt.device) for _ in range(accumulation)]
             result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.train.router_z_loss_coef,
-                                      rt.world_size)
+                                      rt.world_size, cfg.train.router_balance)
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = clip_grad_norm(model.parameters(), clip)
             loss = float(result.loss)
             signum, nonfinite = guards.agree(stop.signum, not guards.is_finite(loss, float(grad_norm)), rt.device)
             if not nonfinite:  # a non-finite step changes nothing but the step count and the schedule
@@ -148,7 +151,7 @@ def train(cfg: RunConfig) -> TrainResult:
             scalars = dict(loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                            tokens_per_s=tokens_per_s, memory_gb=rt.peak_memory_gb(), skipped_steps=skipped.total)
             if result.router is not None:
-                scalars.update(_router_scalars(result.router, rt.world_size))
+                scalars.update(_router_scalars(result.router))
             if rt.device.type == "cuda":
                 scalars["mfu"] = flops_token * tokens_per_s / (PEAK_BF16_FLOPS * rt.world_size)
             if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and data.val_batches:
@@ -219,13 +222,13 @@ def _wandb_settings(cfg: RunConfig) -> WandbSettings | None:
     return WandbSettings(cfg.log.wandb_project, name, cfg.to_dict())
 
 
-def _router_scalars(router: dict, world_size: int) -> dict:
-    """MoE balance over all ranks: the router losses (mean over ranks), and the busiest and
-    idlest expert of any layer as a multiple of an even share (1.0 = perfectly balanced)."""
+def _router_scalars(router: dict) -> dict:
+    """MoE balance over all ranks: the step's router losses (each rank holds its share), and the
+    busiest and idlest expert of any layer as a multiple of an even share (1.0 = balanced)."""
     losses = torch.stack([router["aux_loss"], router["z_loss"]])
     summed = _global_count(torch.cat([losses, router["tokens_per_expert"].flatten()]))  # one all-reduce
     counts = summed[2:].view_as(router["tokens_per_expert"])  # [layers, E]
     share = counts / counts.mean(dim=-1, keepdim=True).clamp(min=1)
-    aux, z = (summed[:2] / world_size).tolist()
+    aux, z = summed[:2].tolist()
     return {"moe_aux_loss": aux, "moe_z_loss": z,
             "expert_load_max": float(share.max()), "expert_load_min": float(share.min())}

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -99,23 +100,98 @@ def test_sharded_loading_keeps_each_rank_well_below_the_model_size(tmp_path):
         assert growth < 0.7 * size, (rank, growth / 2**20, size / 2**20)
 
 
+def _assert_same_moe_run(one_dir, two_dir):
+    one, two = _losses(one_dir), _losses(two_dir)
+    assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
+    norms_one, norms_two = _losses(one_dir, "grad_norm"), _losses(two_dir, "grad_norm")
+    assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-4
+    aux_one, aux_two = _losses(one_dir, "moe_aux_loss"), _losses(two_dir, "moe_aux_loss")
+    assert max(abs(aux_one[s] - aux_two[s]) for s in one) <= 1e-6
+
+
 def test_moe_fsdp_matches_one_process_and_shards_the_experts_along_the_expert_dimension(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
-    # Without router losses: they are per-micro-batch terms (as in transformers), and each rank
-    # packs its own documents into rows, so 1 and 2 processes balance over different rows.
-    tiny_model_dir(tmp_path / "model", moe=True, router_aux_loss_coef=0.0)  # 4 experts
+    # Router losses on, per micro-batch (the default): rank r's micro-batch holds the rows that
+    # one process with the same micro_batch_size runs as its r-th micro-batch of the step.
+    tiny_model_dir(tmp_path / "model", moe=True, router_aux_loss_coef=0.1)  # 4 experts
     build_task(tmp_path / "task", n_train=400, n_val=8)
-    extra = ["--train.save_steps", "8"]
+    extra = ["--train.save_steps", "8", "--train.router_z_loss_coef", "1e-3"]
     _ok(_launch(_flags(tmp_path, "one", 8, *extra), nproc=1))
     _ok(_launch(_flags(tmp_path, "two", 8, *extra), nproc=2))
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
-    norms_one, norms_two = _losses(tmp_path / "one", "grad_norm"), _losses(tmp_path / "two", "grad_norm")
-    assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-4
+    _assert_same_moe_run(tmp_path / "one", tmp_path / "two")
+    # Expert parallelism over the checkpoint: each rank reads its two experts' tensors.
+    _ok(_launch(_flags(tmp_path, "ep2", 8, *extra, "--parallel.ep", "2"), nproc=2))
+    _assert_same_moe_run(tmp_path / "one", tmp_path / "ep2")
     saved = FileSystemReader(str(tmp_path / "two" / "checkpoints" / "step_00000008")).read_metadata()
     chunks = saved.state_dict_metadata["model.model.layers.0.mlp.experts.gate_up_proj"].chunks
     assert sorted((c.offsets[0], c.sizes[0]) for c in chunks) == [(0, 2), (2, 2)]  # two experts per rank
+
+
+def test_moe_global_balance_over_the_step_on_two_processes_equals_one_process(tmp_path):
+    """The step's f_e over every micro-batch and rank: 2 ranks x 1 micro-batch equal 1 rank x 2."""
+    tiny_model_dir(tmp_path / "model", moe=True, router_aux_loss_coef=0.1)
+    build_task(tmp_path / "task", n_train=400, n_val=8)
+    extra = ["--train.router_balance", "global", "--train.router_z_loss_coef", "1e-3"]
+    _ok(_launch(_flags(tmp_path, "one", 6, *extra), nproc=1))
+    _ok(_launch(_flags(tmp_path, "two", 6, *extra), nproc=2))
+    _assert_same_moe_run(tmp_path / "one", tmp_path / "two")
+
+
+def _tiny_moe_flags(tmp_path, out, steps, *extra):
+    if not (tmp_path / "task").exists():
+        build_task(tmp_path / "task", n_train=400, n_val=8)
+    return ["--model.preset", "tiny-moe", "--data.train_path", str(tmp_path / "task" / "train.jsonl"),
+            "--data.seq_len", "128", "--train.global_batch_size", "8", "--train.micro_batch_size", "2",
+            "--train.max_steps", str(steps), "--train.output_dir", str(tmp_path / out), "--train.save_steps", "0",
+            "--optim.lr", "3e-3", "--log.tensorboard", "false", "--checkpoint.export_final", "false",
+            "--train.log_steps", "1", "--train.eval_steps", "0", "--checkpoint.keep_last", "0",
+            "--train.router_z_loss_coef", "1e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def one_process_moe_gradients(tmp_path_factory):
+    return _step_gradients(tmp_path_factory.mktemp("one"), "grads_one", 1)
+
+
+def _step_gradients(tmp_path, name, nproc, *extra):
+    out = tmp_path / f"{name}.pt"
+    _ok(_launch([str(out), *_tiny_moe_flags(tmp_path, name, 1, *extra)], nproc=nproc,
+                script=HERE / "step_gradients.py"))
+    return torch.load(out)
+
+
+def _assert_same_gradients(one, other):
+    assert abs(one["loss"].item() - other["loss"].item()) <= 1e-6
+    assert one["grads"].keys() == other["grads"].keys()
+    for name, grad in one["grads"].items():
+        assert ((other["grads"][name] - grad).norm() / grad.norm()).item() <= 1e-5, name
+
+
+def test_expert_parallel_on_two_processes_equals_one_process(tmp_path, one_process_moe_gradients):
+    """ep=2: each rank holds 4 of the 8 experts; losses step by step (router losses on), the
+    gradient of a step, and the checkpoint holding each rank's experts, which resumes without ep."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    _ok(_launch(_tiny_moe_flags(tmp_path, "one", 6), nproc=1))
+    _ok(_launch(_tiny_moe_flags(tmp_path, "ep2", 6, "--parallel.ep", "2", "--train.save_steps", "3"), nproc=2))
+    one, ep2 = _losses(tmp_path / "one"), _losses(tmp_path / "ep2")
+    assert sorted(one) == sorted(ep2) == list(range(1, 7))
+    assert max(abs(one[s] - ep2[s]) for s in one) <= 1e-5
+    assert one[6] < one[1]
+    saved = FileSystemReader(str(tmp_path / "ep2" / "checkpoints" / "step_00000006")).read_metadata()
+    chunks = saved.state_dict_metadata["model.model.layers.0.mlp.experts.gate_up_proj"].chunks
+    assert sorted((c.offsets[0], c.sizes[0]) for c in chunks) == [(0, 4), (4, 4)]
+    step3 = tmp_path / "ep2" / "checkpoints" / "step_00000003"  # resumed without ep, on one process
+    _ok(_launch(_tiny_moe_flags(tmp_path, "resumed", 6, "--train.resume", str(step3)), nproc=1))
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6] and max(abs(one[s] - resumed[s]) for s in resumed) <= 1e-5
+    _assert_same_gradients(one_process_moe_gradients, _step_gradients(tmp_path, "grads_ep2", 2, "--parallel.ep", "2"))
+
+
+def test_expert_parallel_times_data_parallel_on_four_processes_equals_one_process(tmp_path, one_process_moe_gradients):
+    """ep=2 x dp_mod_ep=2: experts split over pairs of ranks and sharded by FSDP across the pairs."""
+    _assert_same_gradients(one_process_moe_gradients, _step_gradients(tmp_path, "grads_ep2dp2", 4, "--parallel.ep", "2"))
 
 
 def test_lora_with_fsdp_and_activation_checkpointing_matches_one_process(tmp_path):

@@ -58,3 +58,32 @@ def test_packed_step_equals_the_documents_unpacked(tmp_path):
     assert abs(loss_packed.item() - loss_unpacked.item()) <= 1e-6 * loss_packed.item()
     for name in grads_packed:
         assert _rel(grads_packed[name], grads_unpacked[name]) <= 1e-5, name
+
+
+def _moe_rows(count, length=24, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (1, length), generator=gen) for _ in range(count)]
+
+
+def test_global_router_balance_over_micro_batches_equals_one_forward_of_the_whole_step(tmp_path):
+    """f_e over the whole step (a counting pass first), each micro-batch backward carrying its
+    share: loss and gradient equal one forward over all the step's rows (transformers' aux)."""
+    from reference import hf_moe_model
+
+    model = ours_from_hf(hf_moe_model(router_aux_loss_coef=0.5), tmp_path)
+    rows = _moe_rows(4)
+    micro = [{"input_ids": torch.cat(rows[i:i + 2]), "labels": torch.cat(rows[i:i + 2])} for i in (0, 2)]
+    whole = [{"input_ids": torch.cat(rows), "labels": torch.cat(rows)}]
+    step = forward_backward(model, micro, router_z_loss_coef=0.1, router_balance="global")
+    grads_step = _grads(model)
+    one = forward_backward(model, whole, router_z_loss_coef=0.1, router_balance="micro_batch")
+    grads_one = _grads(model)
+    per_micro = forward_backward(model, micro, router_z_loss_coef=0.1, router_balance="micro_batch")
+    grads_per_micro = _grads(model)
+    assert abs(step.router["aux_loss"].item() - one.router["aux_loss"].item()) <= 1e-6
+    assert abs(step.router["z_loss"].item() - one.router["z_loss"].item()) <= 1e-5
+    assert abs(per_micro.router["aux_loss"].item() - one.router["aux_loss"].item()) > 1e-5  # a different loss
+    for name in grads_one:
+        assert _rel(grads_step[name], grads_one[name]) <= 1e-5, name
+    router = "model.layers.0.mlp.gate.weight"
+    assert _rel(grads_per_micro[router], grads_one[router]) > 1e-4

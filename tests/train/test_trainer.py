@@ -88,6 +88,22 @@ def test_tiny_moe_run_learns_and_exports_per_expert_weights(tmp_path):
         assert (theirs(ids).logits - ours(ids).logits).abs().max().item() <= 1e-5
 
 
+def test_tiny_moe_preset_learns_the_task_with_the_builtin_tokenizer(tmp_path):
+    build_task(tmp_path / "task", n_train=240, n_val=16)
+    cfg = load_run_config(None, [
+        "--model.preset", "tiny-moe", "--data.train_path", str(tmp_path / "task" / "train.jsonl"),
+        "--data.seq_len", "128", "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
+        "--train.max_steps", "10", "--train.output_dir", str(tmp_path / "run"), "--train.save_steps", "0",
+        "--optim.lr", "3e-3", "--optim.warmup_steps", "2", "--log.tensorboard", "false"])
+    result = train(cfg)
+    curve = losses(result.output_dir)
+    assert curve[10] < 0.7 * curve[1]
+    config = json.loads((result.export_dir / "config.json").read_text())
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(result.export_dir)
+    assert config["num_experts"] == 8 and config["vocab_size"] >= len(tokenizer)
+    assert config["eos_token_id"] == tokenizer.eos_token_id  # generation stops at the built tokenizer's <|im_end|>
+
+
 def test_lora_run_trains_only_the_adapter_and_merges_into_a_full_checkpoint(tmp_path):
     from peft import PeftModel
 
