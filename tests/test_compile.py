@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
-from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
+from qwen35.parallel.checkpointing import apply_activation_checkpointing
+from qwen35.parallel.compile import compile_layers
 
 
 def _tiny_model(seed=0):

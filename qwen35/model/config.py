@@ -169,12 +169,24 @@ _MOE = {"35B-A3B": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate
                         shared_expert_intermediate_size=512),
         "122B-A10B": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1024,
                           shared_expert_intermediate_size=1024)}
-PRESETS = tuple(_SIZES)
+# The built-in default run's model, ~1M parameters: 4 layers alternating GDN and gated attention.
+# It is sized for the project's own ~1k-entry tokenizer (`qwen35.data.tokenizer`), so its
+# vocabulary size and special ids are given with it: `preset("tiny", vocab_size=len(tok), ...)`.
+# Two softmax layers (interval 2, not the published 4): on the arithmetic task they copy the
+# operands exactly, where one leaves answers off by one or two.
+_TINY = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+    linear_num_value_heads=4, full_attention_interval=2, tie_word_embeddings=True, rope_theta=10000.0,
+)
+PRESETS = ("tiny", *_SIZES)
 
 
 def preset(name: str, **overrides: Any) -> Qwen35Config:
+    if name == "tiny":
+        return Qwen35Config(**{**_TINY, **overrides})
     if name not in _SIZES:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(_SIZES)}")
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     hidden, layers, heads, kv, ffn, v_heads, tied = _SIZES[name]
     args = dict(
         hidden_size=hidden,

@@ -50,6 +50,7 @@ from qwen35.ops import cross_entropy as _cross_entropy
 from qwen35.ops import delta_rule as _delta_rule
 from qwen35.ops import moe as _moe
 from qwen35.ops import norm as _norm
+from qwen35.ops.autocast import compute_dtype
 from qwen35.ops.cross_entropy import IGNORE_INDEX
 
 try:
@@ -164,16 +165,10 @@ def gated_rms_norm(x, z, weight, eps):
 # --- causal attention -----------------------------------------------------------------------
 
 
-def _compute_dtype(*tensors) -> torch.dtype:
-    if torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    return tensors[-1].dtype
-
-
 @torch.compiler.disable
 def causal_attention(q, k, v, cu_seqlens=None, scale=None):
     """Flash attention on the packed row; see `qwen35.ops.attention.causal_attention`."""
-    dtype = _compute_dtype(q, k, v)
+    dtype = compute_dtype(v)
     if not _on_gpu(q, k, v) or dtype not in (torch.bfloat16, torch.float16):
         return _attention.causal_attention(q, k, v, cu_seqlens, scale)
     batch, length, heads, dim = q.shape
@@ -208,7 +203,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, targets_N, chunk_tokens):
-        dtype = _compute_dtype(hidden_ND, weight_VD)
+        dtype = compute_dtype(weight_VD)
         with torch.autocast("cuda", enabled=False):
             h, w = hidden_ND.to(dtype), weight_VD.to(dtype)
             tokens, vocab = h.shape[0], w.shape[0]

@@ -31,6 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from qwen35.parallel import is_rank_zero
+
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 
 
@@ -41,10 +43,6 @@ def _trainable_state(model) -> dict:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
     return {k: v for k, v in state.items() if k in trainable}
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
@@ -92,7 +90,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep_l
     """Writes the checkpoint of `step` atomically; keeps the newest `keep_last` (0: all)."""
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
-    if _is_main():
+    if is_rank_zero():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
@@ -101,10 +99,10 @@ def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep_l
         dcp.save(state, checkpoint_id=str(partial))
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
-    if _is_main():
+    if is_rank_zero():
         torch.save({**extra, "step": step}, partial / "trainer_state.pt")
     _barrier()
-    if _is_main():
+    if is_rank_zero():
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         if keep_last > 0:

@@ -22,7 +22,8 @@ from qwen35.train.config import RunConfig
 from qwen35.train.flops import PEAK_BF16_FLOPS, flops_per_token
 from qwen35.train.metrics import MetricsLogger
 from qwen35.train.optim import build_optimizer, build_scheduler
-from qwen35.train.setup import Runtime, export_model, load_model_and_tokenizer, prepare_data
+from qwen35.build import build_model_and_tokenizer
+from qwen35.train.setup import Runtime, export_model, prepare_data
 from qwen35.train.step import forward_backward
 
 
@@ -87,7 +88,7 @@ def train(cfg: RunConfig) -> TrainResult:
         cfg.save_yaml(out_dir / "run_config.yaml")
     torch.manual_seed(cfg.train.seed)
 
-    model, tokenizer = load_model_and_tokenizer(cfg, rt)
+    model, tokenizer = build_model_and_tokenizer(cfg, rt)
     data = prepare_data(cfg, tokenizer, rt)
     rows_per_rank_step = cfg.train.global_batch_size // rt.world_size
     accumulation = rows_per_rank_step // cfg.train.micro_batch_size

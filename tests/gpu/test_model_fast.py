@@ -153,7 +153,7 @@ def test_rms_norm_stays_float32_under_autocast():
 def test_offload_mode_keeps_no_layer_input_on_the_gpu(fast_backend):
     """After the forward, "full" checkpointing holds each layer's float32 input on the GPU;
     "offload" holds them in CPU memory, so the GPU holds about that much less."""
-    from qwen35.parallel.compile import apply_activation_checkpointing
+    from qwen35.parallel.checkpointing import apply_activation_checkpointing
 
     config = Qwen35Config(**TINY)
     ids = torch.randint(0, config.vocab_size, (1, 65536), device="cuda")
