@@ -27,10 +27,9 @@ varlen-or-not, which costs minutes on a fresh machine; one variant is enough.
 Inputs on the CPU, or in a dtype flash attention lacks, go to the reference op.
 
 torch.compile: the ops that read the document lengths on the host are `torch.compiler.disable`d,
-so a compiled decoder layer calls them as opaque functions. Traced, the host view's cache and
-fla's `prepare_chunk_indices` became part of the graphs and their guards (autocast state among
-them), and layers compiled with fp32 masters under autocast ran slower than eager (30k vs 45k
-tokens/s for the 0.8B; 42-45k compiled since).
+so a compiled decoder layer calls them as opaque functions: traced, the host view's cache and
+fla's `prepare_chunk_indices` would become part of the graphs and their guards (autocast state
+among them).
 """
 
 from __future__ import annotations
