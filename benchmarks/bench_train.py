@@ -17,7 +17,7 @@ one of these precisions (`--ours`, "precision:checkpointing[:compile]"):
            (`qwen35.train.optim.OffloadedAdamW`, the trainer's `optim.cpu_offload`).
 
 checkpointing: `none`, `selective` (keep matmul and attention outputs, recompute the rest) or
-`full` (one layer input kept, the layer rerun in backward); see `qwen35.parallel.compile`.
+`full` (one layer input kept, the layer rerun in backward); see `qwen35.parallel.checkpointing`.
 
 The peer runs as DESIGN §7 measured it: transformers' `Qwen3_5ForCausalLM`, bf16 weights, sdpa,
 fla's GDN kernel (picked up by transformers when importable), Liger's kernels
@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset  # noqa: E402
 from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers  # noqa: E402
-from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers  # noqa: E402
+from qwen35.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
+from qwen35.parallel.compile import compile_layers  # noqa: E402
 from qwen35.train.config import LoraConfig  # noqa: E402
 from qwen35.train.flops import PEAK_BF16_FLOPS, step_flops  # noqa: E402
 from qwen35.train.optim import OffloadedAdamW  # noqa: E402

@@ -62,21 +62,16 @@ def split_reply(text: str) -> tuple[str, str]:
 
 def _train(args: list[str]) -> int:
     """`train` takes a YAML path and dotted flags, which argparse cannot describe ahead of time."""
-    from qwen35.train.config import format_help, load_run_config
+    from qwen35.train.config_parser import format_help
 
     rest = list(args)
     if "-h" in rest or "--help" in rest:
         print(TRAIN_USAGE + "\n" + format_help())
         return 0
-    yaml_path = rest.pop(0) if rest and not rest[0].startswith("-") else None
-    if yaml_path is None:  # the built-in default run: a tiny model learning a generated task
-        from qwen35.train.builtin import DEFAULT_RUN_CONFIG
-
-        yaml_path = DEFAULT_RUN_CONFIG
     from qwen35.train.builtin import run_default_or_train
 
     try:
-        cfg = load_run_config(yaml_path, rest)
+        cfg = train_config(rest)
     except UserError:
         raise
     except (ValueError, FileNotFoundError) as e:  # every one of these names the key, file or line
@@ -87,6 +82,21 @@ def _train(args: list[str]) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
+
+
+def train_config(args: list[str]):
+    """The run config of `qwen35 train ARGS`. The built-in default run's settings apply only to
+    that run: with a config file, or a model or data of its own, a run starts from the defaults."""
+    from qwen35.train.config_parser import load_run_config
+
+    rest = list(args)
+    yaml_path = rest.pop(0) if rest and not rest[0].startswith("-") else None
+    cfg = load_run_config(yaml_path, rest)
+    if yaml_path is None and cfg.model.path is None and cfg.model.preset is None and cfg.data.train_path is None:
+        from qwen35.train.builtin import DEFAULT_RUN_CONFIG
+
+        return load_run_config(DEFAULT_RUN_CONFIG, rest)
+    return cfg
 
 
 def _rl(args: list[str]) -> None:
@@ -128,10 +138,11 @@ def _plot(args: argparse.Namespace) -> None:
 
 TRAIN_USAGE = """usage: qwen35 train [CONFIG.yaml] [--section.key VALUE ...]
 
-Without a config file, settings start from the built-in default run's (qwen35/train/default.yaml:
-a tiny model trained from scratch on a generated arithmetic task, then evaluated); without
-data.train_path the run trains on that task. Keys may be set in the YAML file or as flags
-(defaults below are those of an explicit config file):
+Without a config file and without a model or data of its own (model.path, model.preset,
+data.train_path), this is the built-in default run (qwen35/train/default.yaml: the tiny preset
+trained from scratch on a generated arithmetic task, then evaluated). Any other run starts from
+the defaults below and needs model.path or model.preset; without data.train_path it trains on
+the generated task. Keys may be set in the YAML file or as flags:
 """
 
 

@@ -42,6 +42,21 @@ def tiny_text_config(name: str = "tied_interval2_gva2", **overrides) -> Qwen3_5T
     return config
 
 
+# Our config of the same shape as transformers' "tied_interval2_gva2" (without tying), for tests
+# that need our model only.
+TINY_CONFIG = dict(
+    vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, full_attention_interval=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_key_head_dim=8, linear_value_head_dim=8,
+)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| over all elements (float32), `b` the reference."""
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
 def perturb_norms(model: torch.nn.Module, seed: int = 0) -> None:
     """Zero-initialised (1+w) norm weights would hide a wrong `w` vs `1+w`, so every norm weight
     and dt_bias is moved off its initial value. A = exp(A_log) is drawn from (0.05, 0.5): with the

@@ -3,17 +3,14 @@
 import pytest
 import torch
 
+from reference import TINY_CONFIG
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
-from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
+from qwen35.parallel.checkpointing import apply_activation_checkpointing
+from qwen35.parallel.compile import compile_layers
 
 
 def _tiny_model(seed=0):
-    config = Qwen35Config(
-        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, full_attention_interval=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, tie_word_embeddings=True,
-        mrope_section=(1, 1, 0),
-    )
+    config = Qwen35Config(**TINY_CONFIG, tie_word_embeddings=True, mrope_section=(1, 1, 0))
     torch.manual_seed(seed)
     return Qwen35ForCausalLM.from_config(config)
 

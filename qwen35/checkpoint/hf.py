@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -28,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from qwen35.model.config import Qwen35Config, read_config_json
+from qwen35.parallel import is_rank_zero
 
 VL_TEXT_PREFIX = "model.language_model."
 CARRIED_PREFIXES = ("model.visual.", "mtp.")
@@ -112,25 +112,28 @@ def _pieces_per_parameter(name: str, config: Qwen35Config) -> int:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=None, parallelize=None):
-    """Builds the model on the meta device, then fills each parameter from the checkpoint.
-
-    `dtype=None` keeps every tensor's stored dtype; otherwise tensors are cast to `dtype`
-    except the float32 ones the model keeps float32. `parallelize(model)`, if given, shards the
-    meta model (e.g. FSDP2); each rank then reads only the slices of the tensors it owns, so no
-    rank ever holds the whole model.
-    """
+def read_model_config(model_dir) -> Qwen35Config:
+    """The text model's arguments from a model directory's config.json (either form)."""
     model_dir = Path(model_dir).expanduser()
+    return Qwen35Config.from_hf_dict(read_config_json(model_dir), source=str(model_dir / "config.json"))
+
+
+@dataclass
+class _LoadPlan:
+    origin: CheckpointOrigin
+    sources: dict[str, list[tuple[str, str, tuple]]]  # our name -> [(file, key, index)]
+
+
+def _plan(model, model_dir: Path, skip) -> _LoadPlan:
+    """Which stored tensor fills which part of which parameter; a `CheckpointError` listing
+    every missing, unexpected or wrongly shaped tensor. Reads only the files' headers."""
     raw = read_config_json(model_dir)
-    config = Qwen35Config.from_hf_dict(raw, source=str(model_dir / "config.json"))
+    config = model.config
     files = weight_files(model_dir)
     vision_language = "text_config" in raw or any(k.startswith(VL_TEXT_PREFIX) for k in files)
     origin = CheckpointOrigin(model_dir, raw, vision_language)
-
-    with torch.device("meta"):
-        model = cls(config)
-    expected = dict(model.named_parameters())  # tied weights appear once
-    sources: dict[str, list[tuple[str, str, tuple]]] = {}  # our name -> [(file, key, index)]
+    expected = {n: p for n, p in model.named_parameters() if n not in skip}  # tied weights appear once
+    sources: dict[str, list[tuple[str, str, tuple]]] = {}
     unexpected, wrong_shapes = [], []
     for key, file in files.items():
         piece = _model_piece(key, vision_language, config)
@@ -144,7 +147,9 @@ def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=Non
         with _open(model_dir / file) as f:
             for name, key, index in pieces_in(sources, file):
                 stored = f.get_slice(key)
-                shape, want = tuple(stored.get_shape()), tuple(expected[name][index].shape)
+                # the global shape of the part, from the shape alone (the parameter may be sharded)
+                want = tuple(torch.empty(expected[name].shape, device="meta")[index].shape)
+                shape = tuple(stored.get_shape())
                 if shape != want:
                     wrong_shapes.append(f"{key}: checkpoint {shape}, model {want}")
                 origin.stored_dtypes[name] = _SAFETENSORS_DTYPES.get(stored.get_dtype(), torch.float32)
@@ -155,26 +160,45 @@ def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=Non
             if items:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
+    return _LoadPlan(origin, sources)
 
-    keep_fp32 = set(model.fp32_parameter_names())
-    for name, param in expected.items():
-        target = torch.float32 if name in keep_fp32 else (dtype or origin.stored_dtypes[name])
-        param.data = param.data.to(target)
-    if parallelize is not None:
-        parallelize(model)
-    model.to_empty(device=device or "cpu")
-    model.tie_weights()
+
+def load_weights(model, model_dir, skip=frozenset()) -> None:
+    """Fills the parameters of `model` (on its device, possibly sharded) from the checkpoint in
+    `model_dir`, each cast to the parameter's dtype. A sharded parameter (a DTensor) reads only
+    this rank's slice, so no rank ever holds the whole model. Every parameter but those named in
+    `skip` must be in the checkpoint. Remembers what an export needs in `model.origin`."""
+    model_dir = Path(model_dir).expanduser()
+    plan = _plan(model, model_dir, skip)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for file in sorted(files_of(sources)):
+        for file in sorted(files_of(plan.sources)):
             with _open(model_dir / file) as f:
-                for name, key, index in pieces_in(sources, file):
+                for name, key, index in pieces_in(plan.sources, file):
                     _fill(params[name], index, f.get_slice(key))
-    model.origin = origin
-    if origin.carried and (not dist.is_initialized() or dist.get_rank() == 0):
-        kinds = sorted({k.split(".")[1] if k.startswith("model.") else k.split(".")[0] for k in origin.carried})
-        print(f"qwen35: carrying {len(origin.carried)} tensors ({', '.join(kinds)}) through untouched; "
+    model.origin = plan.origin
+    if plan.origin.carried and is_rank_zero():
+        carried = plan.origin.carried
+        kinds = sorted({k.split(".")[1] if k.startswith("model.") else k.split(".")[0] for k in carried})
+        print(f"qwen35: carrying {len(carried)} tensors ({', '.join(kinds)}) through untouched; "
               "they are written back unchanged on save")
+
+
+def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=None):
+    """A whole model from a HF model directory: built on the meta device, given memory on
+    `device`, filled by `load_weights`. `dtype=None` keeps every tensor's stored dtype; otherwise
+    tensors are cast to `dtype` except the float32 ones the model keeps float32. (Training builds
+    its model in `qwen35.build`, which shards it before it has memory.)"""
+    model_dir = Path(model_dir).expanduser()
+    with torch.device("meta"):
+        model = cls(read_model_config(model_dir))
+    stored = _plan(model, model_dir, skip=()).origin.stored_dtypes
+    keep_fp32 = set(model.fp32_parameter_names())
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if name in keep_fp32 else (dtype or stored[name]))
+    model.to_empty(device=device or "cpu")
+    model.tie_weights()
+    load_weights(model, model_dir)
     return model
 
 
@@ -256,7 +280,7 @@ def save_pretrained(model, output_dir, max_shard_bytes: int = 5 * 2**30) -> None
     """
     output_dir = Path(output_dir)
     tensors = _export_tensors(model)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not is_rank_zero():
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     origin = getattr(model, "origin", None)

@@ -110,8 +110,8 @@ def best_fit_decreasing(lengths: np.ndarray, seq_len: int, seed: int) -> list[li
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Rows of `seq_len` tokens, built on demand from the tokenised files (nothing is copied up
-    front, so a data set of any size costs only its packing plan in memory)."""
+    """Rows of `seq_len` tokens, built on demand from the tokenised files: nothing is copied up
+    front; what stays in memory is the packing plan (a few integers per document)."""
 
     def __init__(self, files: list[TokenizedFile], docs: np.ndarray, seq_len: int, pad_id: int,
                  seed: int = 0):

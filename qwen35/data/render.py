@@ -27,8 +27,8 @@ import numpy as np
 from jinja2.exceptions import TemplateError
 
 from qwen35.data.formats import MalformedRecord, Sample
+from qwen35.ops.cross_entropy import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 _PROBE = {"role": "user", "content": ""}
 

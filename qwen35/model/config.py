@@ -169,22 +169,26 @@ _MOE = {"35B-A3B": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate
                         shared_expert_intermediate_size=512),
         "122B-A10B": dict(num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1024,
                           shared_expert_intermediate_size=1024)}
-# CPU-sized models for the built-in task and tokenizer (`qwen35.data.tokenizer`: at most 1,024
-# entries; its end-of-turn and padding ids come from the tokenizer the run builds). tiny-moe is the built-in tiny model's
-# shape (`qwen35.train.builtin.model_config`) with an MoE block in every layer: 8 experts (so
-# that expert parallelism over 2, 4 or 8 ranks has whole experts per rank), top 2, a shared
-# expert, transformers' default balancing coefficient.
+# The built-in default run's model, ~1M parameters: 4 layers alternating GDN and gated attention.
+# It is sized for the project's own ~1k-entry tokenizer (`qwen35.data.tokenizer`), so its
+# vocabulary size and special ids are given with it: `preset("tiny", vocab_size=len(tok), ...)`.
+# Two softmax layers (interval 2, not the published 4): on the arithmetic task they copy the
+# operands exactly, where one leaves answers off by one or two.
+_TINY = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+    linear_num_value_heads=4, full_attention_interval=2, tie_word_embeddings=True, rope_theta=10000.0,
+)
+# tiny-moe: the tiny model with an MoE block in every layer: 8 experts (so that expert
+# parallelism over 2, 4 or 8 ranks has whole experts per rank), top 2, a shared expert,
+# transformers' default balancing coefficient.
 _CPU_PRESETS = {
-    "tiny-moe": dict(
-        vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, linear_key_head_dim=32, linear_value_head_dim=32,
-        linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=2,
-        tie_word_embeddings=True, rope_theta=10000.0,
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
-        shared_expert_intermediate_size=96, router_aux_loss_coef=0.001,
-    ),
+    "tiny": _TINY,
+    "tiny-moe": dict(_TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
+                     shared_expert_intermediate_size=96, router_aux_loss_coef=0.001),
 }
-PRESETS = tuple(_SIZES) + tuple(_CPU_PRESETS)
+SIZED_FOR_TOKENIZER = tuple(_CPU_PRESETS)  # vocabulary and special ids come from the run's tokenizer
+PRESETS = (*_CPU_PRESETS, *_SIZES)
 
 
 def preset(name: str, **overrides: Any) -> Qwen35Config:

@@ -35,10 +35,6 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
-    # > 0: training rows longer than this run the delta rule slice by slice (`ops.slicing`); set
-    # by the longest-context checkpointing mode (`qwen35.parallel.compile`)
-    slice_tokens: int = 0
-
     def __init__(self, config: Qwen35Config):
         super().__init__()
         self.num_k_heads = config.linear_num_key_heads
@@ -68,6 +64,10 @@ class GatedDeltaNet(nn.Module):
         with torch.no_grad():  # decay rates A spread over (0.01, 16), as transformers initialises
             self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0.01, 16).log())
 
+    def delta_rule(self, q, k, v, g, beta, cu_seqlens, initial_state, output_final_state: bool):
+        """The recurrence over the whole row: o `[B, T, Hv, Dv]` and the final state (or None)."""
+        return ops.gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state=output_final_state)
+
     def forward(self, x_BTD, cu_seqlens=None, cache=None):
         batch, length, _ = x_BTD.shape
         conv_state = recurrent_state = None
@@ -84,12 +84,7 @@ class GatedDeltaNet(nn.Module):
         beta = self.in_proj_b(x_BTD).sigmoid()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BTD).float() + self.dt_bias)
 
-        if cache is None and 0 < self.slice_tokens < length:
-            o = ops.gated_delta_rule_in_slices(ops.gated_delta_rule, q, k, v, g, beta, cu_seqlens, self.slice_tokens)
-        else:
-            o, recurrent_state = ops.gated_delta_rule(
-                q, k, v, g, beta, cu_seqlens, recurrent_state, output_final_state=want_state
-            )
+        o, recurrent_state = self.delta_rule(q, k, v, g, beta, cu_seqlens, recurrent_state, want_state)
         if cache is not None:
             cache.update(conv_state, recurrent_state)
         z = self.in_proj_z(x_BTD).reshape(batch, length, self.num_v_heads, self.head_v_dim)

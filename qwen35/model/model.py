@@ -18,10 +18,12 @@ from qwen35 import ops
 from qwen35.model.cache import InferenceCache
 from qwen35.model.config import Qwen35Config
 from qwen35.model.gated_delta import GatedDeltaNet, GatedRMSNorm
+from qwen35.model.mlp import MLP
 from qwen35.model.moe import Experts, Router, RouterLogits, RouterStats, SparseMoeBlock, router_stats
+from qwen35.ops.autocast import compute_dtype
+from qwen35.ops.cross_entropy import IGNORE_INDEX
 from qwen35.ops.segments import document_starts, positions_in_documents
 
-IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):
@@ -48,8 +50,7 @@ class RMSNorm(nn.Module):
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """`x` in autocast's dtype when autocast is on, else as is. Autocast would cast it the same
     way inside each projection, but each projection then keeps its own copy for the backward."""
-    device = x.device.type
-    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+    return x.to(compute_dtype(x))
 
 
 def rotary_tables(config: Qwen35Config, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,19 +121,6 @@ class GatedAttention(nn.Module):
             out = ops.causal_attention(q, k, v, cu_seqlens)
         out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(batch, length, -1))
-
-
-class MLP(nn.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -295,12 +283,11 @@ class Qwen35ForCausalLM(nn.Module):
         return model.to_compute_dtype(dtype)
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=None, parallelize=None) -> Qwen35ForCausalLM:
-        """Loads a HF model directory; `parallelize(model)` may shard it first (each rank then
-        reads only its shards). See `qwen35.checkpoint.hf.load_pretrained`."""
+    def from_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=None) -> Qwen35ForCausalLM:
+        """Loads a HF model directory (see `qwen35.checkpoint.hf.load_pretrained`)."""
         from qwen35.checkpoint.hf import load_pretrained
 
-        return load_pretrained(cls, model_dir, dtype=dtype, device=device, parallelize=parallelize)
+        return load_pretrained(cls, model_dir, dtype=dtype, device=device)
 
     def save_pretrained(self, output_dir, max_shard_bytes: int = 5 * 2**30) -> None:
         from qwen35.checkpoint.hf import save_pretrained

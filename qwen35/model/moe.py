@@ -23,6 +23,7 @@ from torch import nn
 
 from qwen35 import ops
 from qwen35.model.config import Qwen35Config
+from qwen35.model.mlp import MLP
 
 
 class Router(nn.Module):
@@ -45,20 +46,14 @@ class Experts(nn.Module):
         e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
-        # Parameter name -> module mapping the stored weight to the one used (LoRA, `qwen35.lora`).
-        self.weight_adapters = nn.ModuleDict()
 
     def forward(self, x_ND, weights_NK, experts_NK):
-        gate_up, down = (self.weight_adapters[n](w) if n in self.weight_adapters else w
-                         for n, w in (("gate_up_proj", self.gate_up_proj), ("down_proj", self.down_proj)))
-        return ops.routed_experts(x_ND, weights_NK, experts_NK, gate_up, down)
+        return ops.routed_experts(x_ND, weights_NK, experts_NK, self.gate_up_proj, self.down_proj)
 
 
 class SparseMoeBlock(nn.Module):
     def __init__(self, config: Qwen35Config):
         super().__init__()
-        from qwen35.model.model import MLP
-
         self.gate = Router(config)
         self.experts = Experts(config)
         self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)

@@ -27,10 +27,9 @@ varlen-or-not, which costs minutes on a fresh machine; one variant is enough.
 Inputs on the CPU, or in a dtype flash attention lacks, go to the reference op.
 
 torch.compile: the ops that read the document lengths on the host are `torch.compiler.disable`d,
-so a compiled decoder layer calls them as opaque functions. Traced, the host view's cache and
-fla's `prepare_chunk_indices` became part of the graphs and their guards (autocast state among
-them), and layers compiled with fp32 masters under autocast ran slower than eager (30k vs 45k
-tokens/s for the 0.8B; 42-45k compiled since).
+so a compiled decoder layer calls them as opaque functions: traced, the host view's cache and
+fla's `prepare_chunk_indices` would become part of the graphs and their guards (autocast state
+among them).
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ from qwen35.ops import cross_entropy as _cross_entropy
 from qwen35.ops import delta_rule as _delta_rule
 from qwen35.ops import moe as _moe
 from qwen35.ops import norm as _norm
+from qwen35.ops.autocast import compute_dtype
 from qwen35.ops.cross_entropy import IGNORE_INDEX
 
 try:
@@ -164,16 +164,10 @@ def gated_rms_norm(x, z, weight, eps):
 # --- causal attention -----------------------------------------------------------------------
 
 
-def _compute_dtype(*tensors) -> torch.dtype:
-    if torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    return tensors[-1].dtype
-
-
 @torch.compiler.disable
 def causal_attention(q, k, v, cu_seqlens=None, scale=None):
     """Flash attention on the packed row; see `qwen35.ops.attention.causal_attention`."""
-    dtype = _compute_dtype(q, k, v)
+    dtype = compute_dtype(v)
     if not _on_gpu(q, k, v) or dtype not in (torch.bfloat16, torch.float16):
         return _attention.causal_attention(q, k, v, cu_seqlens, scale)
     batch, length, heads, dim = q.shape
@@ -208,7 +202,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, targets_N, chunk_tokens):
-        dtype = _compute_dtype(hidden_ND, weight_VD)
+        dtype = compute_dtype(weight_VD)
         with torch.autocast("cuda", enabled=False):
             h, w = hidden_ND.to(dtype), weight_VD.to(dtype)
             tokens, vocab = h.shape[0], w.shape[0]

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qwen35.ops.autocast import compute_dtype
+
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
@@ -33,15 +35,9 @@ def expert_loop(x_ND, weights_NK, experts_NK, gate_up_EIH, down_EHI):
     return out
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def grouped_experts(x_ND, weights_NK, experts_NK, gate_up_EIH, down_EHI):
     num_experts, top_k = gate_up_EIH.shape[0], experts_NK.shape[1]
-    dtype = _compute_dtype(x_ND)
+    dtype = compute_dtype(x_ND)
     choice = experts_NK.flatten()
     order = choice.argsort(stable=True)  # token copies grouped by expert
     token = order // top_k

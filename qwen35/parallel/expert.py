@@ -45,8 +45,6 @@ class ExpertParallelExperts(Experts):
     ep_mesh: DeviceMesh
 
     def forward(self, x_ND, weights_NK, experts_NK):
-        if len(self.weight_adapters):
-            raise NotImplementedError("adapters on the routed experts are not built for expert parallelism")
         group, ep = self.ep_mesh.get_group(), self.ep_mesh.size()
         gate_up, down = (_ScaleGrad.apply(w.to_local() if isinstance(w, DTensor) else w, 1.0 / ep)
                          for w in (self.gate_up_proj, self.down_proj))

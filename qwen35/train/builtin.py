@@ -1,64 +1,35 @@
-"""The built-in default run: `qwen35 train` with no arguments, on a fresh machine, on a CPU.
+"""The built-in default run and the task evaluation, a layer above the trainer that it calls.
 
-It makes everything it needs: a generated arithmetic task with checkable answers, a small
-tokenizer trained on the task's text (Qwen's special tokens and chat template), and a tiny model
-of the Qwen3.5 architecture (GDN and gated-attention layers, zero-centred norms, all of it). It
-trains from scratch through the same trainer as any other run, exports a Hugging Face
-checkpoint, and prints the held-out exact-match accuracy next to the untrained model's.
+`qwen35 train` with no arguments, on a fresh machine, on a CPU, runs `default.yaml`: the `tiny`
+preset (the Qwen3.5 architecture at ~1M parameters, with the project's own small tokenizer)
+trained from scratch on a generated arithmetic task with checkable answers, through the same
+trainer as any other run. It exports a Hugging Face checkpoint and prints the held-out
+exact-match accuracy next to the untrained model's. Any run without `data.train_path` trains on
+that task.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from qwen35.build import build_model_and_tokenizer, check_model_source
 from qwen35.data.task import build_task, load_eval_examples, score
-from qwen35.data.tokenizer import build_tokenizer
 from qwen35.lora import load_adapter
-from qwen35.model import Qwen35Config, Qwen35ForCausalLM
+from qwen35.model import Qwen35ForCausalLM
 from qwen35.progress import progress
 from qwen35.train.config import RunConfig
+from qwen35.train.setup import Runtime
+from qwen35.train.trainer import train
 
 DEFAULT_RUN_CONFIG = Path(__file__).parent / "default.yaml"
 
 
 def _builtin_dir(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_dir) / "builtin"
-
-
-def tokenizer(cfg: RunConfig):
-    """The project's own small tokenizer, built once into the run's output directory."""
-    from transformers import AutoTokenizer
-
-    directory = _builtin_dir(cfg) / "tokenizer"
-    if not (directory / "tokenizer.json").is_file():
-        # Built aside and renamed into place: every rank of a torchrun job builds the same files,
-        # and one rank must never read another's half-written directory.
-        partial = directory.with_name(f"tokenizer.partial{os.getpid()}")
-        build_tokenizer(partial)
-        try:
-            partial.rename(directory)
-        except OSError:  # another rank got there first
-            shutil.rmtree(partial)
-    return AutoTokenizer.from_pretrained(directory)
-
-
-def model_config(tok) -> Qwen35Config:
-    """A tiny Qwen3.5: 4 layers alternating GDN and gated attention, ~1M parameters. Two softmax
-    layers (interval 2, not the published 4) copy the operands exactly; with one, answers come out
-    off by one or two after the same training (33% vs 71% held-out on this task)."""
-    return Qwen35Config(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_key_head_dim=32,
-        linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
-        full_attention_interval=2, tie_word_embeddings=True, rope_theta=10000.0,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
 
 
 @torch.no_grad()
@@ -100,19 +71,17 @@ def evaluate_model_dir(model_dir: str, data: str | None = None, limit: int | Non
 
 def run_default_or_train(cfg: RunConfig):
     """Trains `cfg`; without `data.train_path`, first generates the built-in task and then
-    reports its held-out accuracy before and after training (not for a random `model.preset`,
-    whose size makes the untrained evaluation slow and its result meaningless)."""
-    from qwen35.train.setup import Runtime, load_model_and_tokenizer
-    from qwen35.train.trainer import train
-
+    reports its held-out accuracy before and after training (not for a random preset larger
+    than `tiny`, whose size makes the untrained evaluation slow and its result meaningless)."""
+    check_model_source(cfg)
     if cfg.data.train_path is not None:
         return train(cfg)
     files = build_task(_builtin_dir(cfg) / "task")
     cfg = replace(cfg, data=replace(cfg.data, train_path=str(files.train), val_path=str(files.val), val_fraction=0.0))
-    if cfg.model.preset:  # random weights at a real size: the task is only data, no accuracy report
+    if cfg.model.preset not in (None, "tiny"):  # random weights at a real size: the task is only data
         return train(cfg)
     torch.manual_seed(cfg.train.seed)  # the trainer draws the same initial weights from this seed
-    untrained, tok = load_model_and_tokenizer(cfg, Runtime(torch.device("cpu"), 0, 1, None))
+    untrained, tok = build_model_and_tokenizer(cfg, Runtime(torch.device("cpu"), 0, 1, None))
     before = task_accuracy(untrained, tok, files.val)
     del untrained
     result = train(cfg)

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from qwen35.errors import UserError
+from qwen35.parallel import is_rank_zero
 
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 
@@ -50,10 +51,6 @@ def _trainable_state(model) -> dict:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
     return {k: v for k, v in state.items() if k in trainable}
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
@@ -115,13 +112,13 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     raises, `final` is left as it was and the `.partial` directory shows what was cut short.
     """
     partial = final.with_name(final.name + ".partial")
-    if _is_main():
+    if is_rank_zero():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
     yield partial
     _barrier()
-    if _is_main():
+    if is_rank_zero():
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     _barrier()
@@ -137,10 +134,10 @@ def save_checkpoint(root: Path, step: int, model, optimizer, extra: dict, keep_l
             dcp.save(state, checkpoint_id=str(partial))
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
-        if _is_main():
+        if is_rank_zero():
             torch.save({**extra, "step": step}, partial / "trainer_state.pt")
             (partial / "checkpoint.json").write_text(json.dumps({"run_id": run_id, "step": step}) + "\n")
-    if _is_main() and keep_last > 0:
+    if is_rank_zero() and keep_last > 0:
         for old in checkpoint_dirs(root, run_id)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

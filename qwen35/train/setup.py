@@ -1,4 +1,5 @@
-"""What a run needs before its first step: the process layout, the model, the tokenizer, the data.
+"""What a run needs besides its model (built in `qwen35.build`): the process layout, the data,
+and the export of the result.
 
 Kept apart from the loop in `trainer.py` so the loop reads as the loop.
 """
@@ -18,12 +19,8 @@ import torch.distributed as dist
 
 from qwen35.data.dataset import build_datasets
 from qwen35.data.loader import PackedLoader
-from qwen35.model import Qwen35Config, Qwen35ForCausalLM, preset
 from qwen35 import ops
-from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers, reset_lora_parameters, save_adapter
-from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
-from qwen35.parallel.expert import apply_expert_parallel, expert_parallel_mesh
-from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
+from qwen35.lora import save_adapter
 from qwen35.train.config import RunConfig
 
 
@@ -77,81 +74,6 @@ class Runtime:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
-    """The checkpoint at `model.path`, a random preset, or the built-in tiny model."""
-    from transformers import AutoTokenizer
-
-    from qwen35.train import builtin
-
-    if cfg.optim.cpu_offload and rt.world_size > 1:
-        raise ValueError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
-    if cfg.parallel.ep < 1:
-        raise ValueError(f"parallel.ep must be >= 1, got {cfg.parallel.ep}")
-    if cfg.parallel.ep > 1 and rt.world_size % cfg.parallel.ep:
-        raise ValueError(f"parallel.ep ({cfg.parallel.ep}) must divide the number of ranks ({rt.world_size})")
-    if cfg.parallel.ep > 1 and cfg.lora.target_parameters:
-        raise ValueError("parallel.ep with lora.target_parameters (adapters on the routed experts) is not built")
-
-    def parallelize(model):  # adapters, then torchtitan's order: expert parallel, checkpointing, compile, FSDP
-        if cfg.lora.rank:
-            apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
-                                           list(cfg.lora.target_modules), list(cfg.lora.target_parameters)))
-        expert_mesh = None
-        if cfg.parallel.ep > 1:
-            expert_mesh = expert_parallel_mesh(rt.device.type, cfg.parallel.ep)
-            apply_expert_parallel(model, expert_mesh)
-        if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
-        if cfg.train.compile:
-            compile_layers(model)
-        if rt.world_size > 1:
-            apply_fsdp(model, data_parallel_mesh(rt.device.type), cfg.parallel.reshard_after_forward,
-                       cfg.parallel.cpu_offload, expert_mesh)
-
-    if cfg.model.path:
-        path = Path(cfg.model.path)
-        qlora = cfg.lora.quantize_base == "nf4"
-        if qlora and rt.world_size > 1:
-            raise ValueError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
-        # QLoRA quantizes the loaded weights, so it parallelizes (adds adapters) after loading.
-        model = Qwen35ForCausalLM.from_pretrained(path, dtype=_parameter_dtype(cfg, rt), device=rt.device,
-                                                  parallelize=None if qlora else parallelize)
-        if qlora:
-            quantize_linear_layers(model, rt.autocast_dtype or torch.float32)
-            parallelize(model)
-        else:
-            reset_lora_parameters(model)  # adapters are not in the checkpoint
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    else:
-        # Random weights: every rank draws the same full model from the seed, then keeps its shards.
-        tokenizer = builtin.tokenizer(cfg)
-        config = _preset_for(cfg.model.preset, tokenizer) if cfg.model.preset else builtin.model_config(tokenizer)
-        model = Qwen35ForCausalLM.from_config(config, device=rt.device, dtype=_parameter_dtype(cfg, rt))
-        parallelize(model)
-    model.train()
-    return model, tokenizer
-
-
-def _preset_for(name: str, tokenizer) -> Qwen35Config:
-    """A preset trained with the run's tokenizer: its vocabulary must fit, and generation and
-    export stop and pad at that tokenizer's ids."""
-    config = preset(name)
-    if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"model.preset {name}: vocab_size {config.vocab_size} is smaller than the "
-                         f"tokenizer's {len(tokenizer)} entries")
-    return dataclasses.replace(config, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-
-
-def _parameter_dtype(cfg: RunConfig, rt: Runtime) -> torch.dtype:
-    """float32 master weights, unless they are elsewhere on one device under bf16 compute: a
-    frozen base (LoRA) needs none, and `optim.cpu_offload` keeps them in the optimizer. The model
-    then holds bf16, which autocast would cast to anyway (the float32 parameters of DESIGN §3 stay
-    float32). Under FSDP the parameters stay float32, one dtype per sharded group."""
-    if (cfg.lora.rank or cfg.optim.cpu_offload) and rt.autocast_dtype is not None and rt.world_size == 1:
-        return rt.autocast_dtype
-    return torch.float32
 
 
 def export_model(model, tokenizer, directory: Path, rt: Runtime) -> None:

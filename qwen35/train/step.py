@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen35.model.model import IGNORE_INDEX, next_token_targets
+from qwen35.model.model import next_token_targets
 from qwen35.model.moe import RouterStats, balance_loss
+from qwen35.ops.cross_entropy import IGNORE_INDEX
 
 
 def count_loss_tokens(batch: dict) -> torch.Tensor:

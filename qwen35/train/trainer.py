@@ -31,7 +31,8 @@ from qwen35.train.config import RunConfig
 from qwen35.train.flops import PEAK_BF16_FLOPS, flops_per_token
 from qwen35.train.metrics import MetricsLogger, WandbSettings
 from qwen35.train.optim import build_optimizer, build_scheduler
-from qwen35.train.setup import Runtime, export_model, load_model_and_tokenizer, prepare_data
+from qwen35.build import build_model, load_tokenizer
+from qwen35.train.setup import Runtime, export_model, prepare_data
 from qwen35.train.step import forward_backward
 
 
@@ -76,8 +77,9 @@ def train(cfg: RunConfig) -> TrainResult:
     run = _claim_output_dir(cfg, out_dir, rt)
     torch.manual_seed(cfg.train.seed)
 
-    model, tokenizer = load_model_and_tokenizer(cfg, rt)
-    data = prepare_data(cfg, tokenizer, rt)  # its errors about the user's files are DataErrors
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer, rt)  # before the model: a bad data file costs no model load
+    model = build_model(cfg, rt, tokenizer)
     rows_per_rank_step = cfg.train.global_batch_size // rt.world_size
     accumulation = rows_per_rank_step // cfg.train.micro_batch_size
     if accumulation * cfg.train.micro_batch_size * rt.world_size != cfg.train.global_batch_size:

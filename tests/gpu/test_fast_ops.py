@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference import relative_error
 from qwen35.ops import attention, conv, cross_entropy, delta_rule, moe, norm
 
 pytestmark = pytest.mark.gpu
@@ -17,13 +18,8 @@ TOL = 1e-2
 DOCS = (37, 200, 1, 130, 95)  # 463 tokens
 
 
-def rel_err(fast, ref):
-    fast, ref = fast.detach().float(), ref.detach().float()
-    return ((fast - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp(min=1e-12)).item()
-
-
 def assert_all_close(pairs: dict, tol=TOL):
-    errors = {name: rel_err(fast, ref) for name, (fast, ref) in pairs.items()}
+    errors = {name: relative_error(fast, ref) for name, (fast, ref) in pairs.items()}
     print({k: f"{v:.2e}" for k, v in errors.items()})
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"relative error above {tol}: {bad}"
@@ -195,7 +191,7 @@ def test_fused_linear_cross_entropy_matches_plain_cross_entropy(fast_backend, au
     hr, wr = hidden.to(dtype).float().requires_grad_(), weight.to(dtype).float().requires_grad_()
     loss_r = cross_entropy.linear_cross_entropy(hr, wr, targets)
     plain = F.cross_entropy(hr.detach() @ wr.detach().T, targets, ignore_index=-100, reduction="sum")
-    assert rel_err(loss_r, plain) <= 1e-5
+    assert relative_error(loss_r, plain) <= 1e-5
     (loss_f * 0.5).backward()
     (loss_r * 0.5).backward()
     assert hf.grad.dtype == wf.grad.dtype == torch.float32

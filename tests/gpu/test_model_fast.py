@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from reference import relative_error
 from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset
 from qwen35.model.cache import InferenceCache
 
@@ -14,11 +15,6 @@ TINY = dict(
     linear_key_head_dim=128, linear_value_head_dim=128, tie_word_embeddings=True,
 )
 DOCS = (300, 257, 1, 443)  # 1001 tokens
-
-
-def rel_err(fast, ref):
-    fast, ref = fast.detach().float(), ref.detach().float()
-    return ((fast - ref).norm() / ref.norm().clamp(min=1e-12)).item()
 
 
 def build(config: Qwen35Config, seed=0) -> Qwen35ForCausalLM:
@@ -70,13 +66,13 @@ def test_training_step_fast_is_as_accurate_as_the_reference_path(fast_backend, s
     loss_true, grads_true = step(model, "reference", ids, cu, autocast=False)
     loss_ref, grads_ref = step(model, "reference", ids, cu)
     loss_fast, grads_fast = step(model, "fast", ids, cu)
-    err_ref = {n: rel_err(grads_ref[n], grads_true[n]) for n in grads_true}
-    err_fast = {n: rel_err(grads_fast[n], grads_true[n]) for n in grads_true}
-    flat_ref, flat_fast = rel_err(flat(grads_ref), flat(grads_true)), rel_err(flat(grads_fast), flat(grads_true))
+    err_ref = {n: relative_error(grads_ref[n], grads_true[n]) for n in grads_true}
+    err_fast = {n: relative_error(grads_fast[n], grads_true[n]) for n in grads_true}
+    flat_ref, flat_fast = relative_error(flat(grads_ref), flat(grads_true)), relative_error(flat(grads_fast), flat(grads_true))
     worst = sorted(((n, err_fast[n], err_ref[n]) for n in err_fast), key=lambda t: -t[1] / (t[2] + 1e-3))[:5]
     print(f"{shape}: loss fp32 {loss_true.item():.5f} ref-bf16 {loss_ref.item():.5f} fast {loss_fast.item():.5f}; "
           f"all-grads rel err vs fp32: reference-bf16 {flat_ref:.2e}, fast {flat_fast:.2e}; worst (fast, ref) {worst}")
-    assert rel_err(loss_fast, loss_true) <= 1e-3
+    assert relative_error(loss_fast, loss_true) <= 1e-3
     assert flat_fast <= 1.25 * flat_ref + 2e-3
     assert all(err_fast[n] <= 2 * err_ref[n] + 1e-2 for n in err_fast), worst
 
@@ -100,7 +96,7 @@ def test_decoding_fast_equals_reference(fast_backend, dtype=torch.bfloat16, tol=
                 steps.append(model.lm_head(model.model(token[:, None], cache=cache)[:, -1]))
         logits[backend] = torch.stack(steps).float()
     ops.use_backend("reference")
-    errors = [rel_err(f, r) for f, r in zip(logits["fast"], logits["reference"])]
+    errors = [relative_error(f, r) for f, r in zip(logits["fast"], logits["reference"])]
     print(f"decode logits rel err per step ({dtype})", [f"{e:.1e}" for e in errors])
     assert max(errors) <= tol
 
@@ -132,8 +128,8 @@ def test_qlora_step_on_the_fast_path_matches_the_dequantized_model(fast_backend)
     loss_p, grads_p = step(plain, "fast", ids, cu)
     adapters = sorted(n for n in grads_q if "lora_" in n)
     assert adapters and all(grads_q[n] is not None for n in adapters)
-    assert rel_err(loss_q, loss_p) <= 1e-2
-    assert rel_err(flat({n: grads_q[n] for n in adapters}), flat({n: grads_p[n] for n in adapters})) <= 2e-2
+    assert relative_error(loss_q, loss_p) <= 1e-2
+    assert relative_error(flat({n: grads_q[n] for n in adapters}), flat({n: grads_p[n] for n in adapters})) <= 2e-2
 
 
 def test_rms_norm_stays_float32_under_autocast():
@@ -153,7 +149,7 @@ def test_rms_norm_stays_float32_under_autocast():
 def test_offload_mode_keeps_no_layer_input_on_the_gpu(fast_backend):
     """After the forward, "full" checkpointing holds each layer's float32 input on the GPU;
     "offload" holds them in CPU memory, so the GPU holds about that much less."""
-    from qwen35.parallel.compile import apply_activation_checkpointing
+    from qwen35.parallel.checkpointing import apply_activation_checkpointing
 
     config = Qwen35Config(**TINY)
     ids = torch.randint(0, config.vocab_size, (1, 65536), device="cuda")
@@ -170,4 +166,4 @@ def test_offload_mode_keeps_no_layer_input_on_the_gpu(fast_backend):
         del model, loss
     inputs = config.num_hidden_layers * ids.numel() * config.hidden_size * 4
     assert held["full"] - held["offload"] >= 0.9 * inputs, (held, inputs)
-    assert rel_err(grads["offload"], grads["full"]) <= 1e-2  # sliced delta rule and MLP: rounding only
+    assert relative_error(grads["offload"], grads["full"]) <= 1e-2  # sliced delta rule and MLP: rounding only

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
-from qwen35.parallel.compile import apply_activation_checkpointing
+from qwen35.parallel.checkpointing import apply_activation_checkpointing
 
 pytestmark = pytest.mark.gpu
 

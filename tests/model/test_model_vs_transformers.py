@@ -3,13 +3,9 @@
 import pytest
 import torch
 
-from reference import TINY_CONFIGS, hf_text_model, ours_from_hf
+from reference import TINY_CONFIGS, hf_text_model, ours_from_hf, relative_error
 from qwen35 import Qwen35ForCausalLM
 from qwen35.model.config import Qwen35Config
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
 @pytest.fixture(params=list(TINY_CONFIGS))

@@ -3,14 +3,8 @@
 import torch
 from transformers import Qwen3_5MoeForCausalLM
 
-from reference import read_safetensors, hf_moe_model, ours_from_hf
+from reference import read_safetensors, hf_moe_model, ours_from_hf, relative_error
 from qwen35 import Qwen35ForCausalLM
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
-
-
 
 
 def test_moe_logits_loss_aux_and_every_gradient_match_transformers(tmp_path):
@@ -24,12 +18,12 @@ def test_moe_logits_loss_aux_and_every_gradient_match_transformers(tmp_path):
     theirs.loss.backward()
     out = ours(ids, labels=ids)
     out.loss.backward()
-    assert _rel(out.router.aux_loss.detach(), theirs.aux_loss.detach()) <= 1e-5
-    assert _rel(out.loss.detach(), theirs.loss.detach()) <= 1e-4
+    assert relative_error(out.router.aux_loss.detach(), theirs.aux_loss.detach()) <= 1e-5
+    assert relative_error(out.loss.detach(), theirs.loss.detach()) <= 1e-4
     hf_params = dict(hf.named_parameters())
     assert {n for n, _ in ours.named_parameters()} == set(hf_params)
     for name, param in ours.named_parameters():
-        assert _rel(param.grad, hf_params[name].grad) <= 1e-4, name
+        assert relative_error(param.grad, hf_params[name].grad) <= 1e-4, name
 
 
 def test_moe_checkpoint_round_trip_splits_experts_as_transformers_writes_them(tmp_path):
@@ -74,7 +68,7 @@ def test_router_z_loss_and_tokens_per_expert(tmp_path):
         h.remove()
     logits = torch.cat(captured)  # every MoE layer's router logits, [layers * 80, E]
     expected_z = torch.logsumexp(logits, dim=-1).square().mean()
-    assert _rel(out.router.z_loss.detach(), expected_z) <= 1e-6
+    assert relative_error(out.router.z_loss.detach(), expected_z) <= 1e-6
     counts = out.router.tokens_per_expert
     assert counts.shape == (len(ours.model.layers), 4)
     assert torch.equal(counts.sum(dim=1), torch.full((len(ours.model.layers),), 80.0 * 2))  # top-2 of 80 tokens

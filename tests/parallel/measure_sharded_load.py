@@ -3,12 +3,13 @@
 import json
 import resource
 import sys
-from functools import partial
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from qwen35 import Qwen35ForCausalLM
+from qwen35.checkpoint.hf import load_weights, read_model_config
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
 
 
@@ -27,7 +28,12 @@ dist.init_process_group("gloo")
 mesh = data_parallel_mesh("cpu")
 Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
 before = current_rss_bytes()
-model = Qwen35ForCausalLM.from_pretrained(sys.argv[1], parallelize=partial(apply_fsdp, mesh=mesh))
+with torch.device("meta"):  # as qwen35.build does: sharded before it has memory
+    model = Qwen35ForCausalLM(read_model_config(sys.argv[1]))
+apply_fsdp(model, mesh)
+model.to_empty(device="cpu")
+model.tie_weights()
+load_weights(model, sys.argv[1])
 peak = max(peak_rss_bytes(), current_rss_bytes())
 Path(sys.argv[2].format(rank=dist.get_rank())).write_text(json.dumps({"growth": peak - before}))
 dist.destroy_process_group()

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen35.train.config import SECTIONS, RunConfig, format_help, load_run_config
+from qwen35.train.config import SECTIONS, RunConfig
+from qwen35.train.config_parser import format_help, load_run_config
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").rglob("*.yaml"))
 

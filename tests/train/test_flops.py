@@ -2,16 +2,12 @@
 
 import torch
 
+from reference import TINY_CONFIG
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.train.flops import active_parameters, flops_per_token, step_flops
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, full_attention_interval=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-            linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
-
-
 def test_packed_documents_count_only_their_own_attention():
-    config = Qwen35Config(**TINY)
+    config = Qwen35Config(**TINY_CONFIG)
     whole, halves = step_flops(config, [64]), step_flops(config, [32, 32])
     attention_layers = config.layer_types.count("full_attention")
     assert whole - halves == attention_layers * 6 * 4 * 16 * (64 * 65 - 2 * 32 * 33)
@@ -19,7 +15,7 @@ def test_packed_documents_count_only_their_own_attention():
 
 
 def test_routed_experts_count_at_top_k_over_experts():
-    config = Qwen35Config(**TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+    config = Qwen35Config(**TINY_CONFIG, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                           shared_expert_intermediate_size=16)
     with torch.device("meta"):
         model = Qwen35ForCausalLM(config)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from reference import TINY_CONFIG
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.train.optim import OffloadedAdamW, build_optimizer, lr_factor
 
@@ -22,10 +23,7 @@ def test_linear_and_constant_schedules():
 
 
 def test_vectors_get_no_weight_decay():
-    config = Qwen35Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_key_head_dim=8,
-                          linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
-                          full_attention_interval=2)
+    config = Qwen35Config(**TINY_CONFIG)
     model = Qwen35ForCausalLM.from_config(config)
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     decayed = {id(p) for p in opt.param_groups[0]["params"]}

@@ -2,7 +2,7 @@
 
 import torch
 
-from reference import hf_text_model, ours_from_hf
+from reference import hf_text_model, ours_from_hf, relative_error
 from qwen35.train.step import forward_backward
 
 
@@ -18,10 +18,6 @@ def _grads(model):
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     return grads
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _documents():
@@ -42,9 +38,9 @@ def test_accumulating_uneven_micro_batches_equals_one_batch(tmp_path):
     assert count_micro == count_one
     assert abs(loss_micro.item() - loss_one.item()) <= 1e-6 * loss_one.item()
     whole = [torch.cat([g[n].flatten() for n in sorted(g)]) for g in (grads_micro, grads_one)]
-    assert _rel(*whole) <= 1e-6  # the gradient as one vector
+    assert relative_error(*whole) <= 1e-6  # the gradient as one vector
     for name in grads_one:  # and each parameter's, up to float32 summation order
-        assert _rel(grads_micro[name], grads_one[name]) <= 1e-5, name
+        assert relative_error(grads_micro[name], grads_one[name]) <= 1e-5, name
 
 
 def test_packed_step_equals_the_documents_unpacked(tmp_path):
@@ -57,7 +53,7 @@ def test_packed_step_equals_the_documents_unpacked(tmp_path):
     grads_unpacked = _grads(model)
     assert abs(loss_packed.item() - loss_unpacked.item()) <= 1e-6 * loss_packed.item()
     for name in grads_packed:
-        assert _rel(grads_packed[name], grads_unpacked[name]) <= 1e-5, name
+        assert relative_error(grads_packed[name], grads_unpacked[name]) <= 1e-5, name
 
 
 def _moe_rows(count, length=24, seed=3):
@@ -84,6 +80,6 @@ def test_global_router_balance_over_micro_batches_equals_one_forward_of_the_whol
     assert abs(step.router["z_loss"].item() - one.router["z_loss"].item()) <= 1e-5
     assert abs(per_micro.router["aux_loss"].item() - one.router["aux_loss"].item()) > 1e-5  # a different loss
     for name in grads_one:
-        assert _rel(grads_step[name], grads_one[name]) <= 1e-5, name
+        assert relative_error(grads_step[name], grads_one[name]) <= 1e-5, name
     router = "model.layers.0.mlp.gate.weight"
-    assert _rel(grads_per_micro[router], grads_one[router]) > 1e-4
+    assert relative_error(grads_per_micro[router], grads_one[router]) > 1e-4

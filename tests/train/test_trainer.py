@@ -8,7 +8,7 @@ from transformers import Qwen3_5ForCausalLM
 from reference import read_safetensors, tiny_model_dir
 from qwen35 import Qwen35ForCausalLM
 from qwen35.data.task import build_task
-from qwen35.train.config import load_run_config
+from qwen35.train.config_parser import load_run_config
 from qwen35.train.trainer import train
 
 

@@ -1,0 +1,165 @@
+"""Where a model is built for training: `build_model`, one fixed order, top to bottom.
+
+    config -> model on the meta device -> quantization and adapters -> expert parallelism
+    -> activation checkpointing -> compile -> FSDP2 -> memory on the device (`to_empty`)
+    -> weights from the checkpoint -> whatever the checkpoint does not hold (fresh adapters, or
+    a whole random preset)
+
+Everything before `to_empty` rewrites a model that has no memory yet, so nothing is allocated
+twice and, under FSDP, each rank only ever holds its shards: `load_weights` then reads just this
+rank's slice of each tensor. The order is torchtitan's; each step is a free function from the
+package that owns it (`qwen35.lora`, `qwen35.parallel`), and none of them knows about the others.
+
+One exception, said where it happens: a QLoRA base quantizes real weights, so it is loaded and
+quantized before its adapters are added. QLoRA runs on one device, so nothing is sharded then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from qwen35.checkpoint.hf import load_weights, read_model_config
+from qwen35.lora import LoraSettings, apply_lora, lora_parameter_names, quantize_linear_layers, reset_lora_parameters
+from qwen35.model import Qwen35Config, Qwen35ForCausalLM, preset
+from qwen35.model.config import SIZED_FOR_TOKENIZER
+from qwen35.parallel.checkpointing import apply_activation_checkpointing
+from qwen35.parallel.compile import compile_layers
+from qwen35.parallel.expert import apply_expert_parallel, expert_parallel_mesh
+from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
+from qwen35.train.config import RunConfig
+from qwen35.train.setup import Runtime
+
+
+def check_model_source(cfg: RunConfig) -> None:
+    if not cfg.model.path and not cfg.model.preset:
+        raise ValueError("no model to train: set model.path to a Hugging Face model directory, or model.preset "
+                         "to a named size for random weights (tiny, 0.8B, 9B, ...)")
+
+
+def load_tokenizer(cfg: RunConfig):
+    """The checkpoint's tokenizer; for a random preset, the project's own small tokenizer,
+    built once into the run's output directory."""
+    from transformers import AutoTokenizer
+
+    from qwen35.data.tokenizer import build_tokenizer
+
+    check_model_source(cfg)
+    if cfg.model.path:
+        return AutoTokenizer.from_pretrained(Path(cfg.model.path))
+    directory = Path(cfg.train.output_dir) / "builtin" / "tokenizer"
+    if not (directory / "tokenizer.json").is_file():
+        # Built aside and renamed into place: every rank of a torchrun job builds the same files,
+        # and one rank must never read another's half-written directory.
+        partial = directory.with_name(f"tokenizer.partial{os.getpid()}")
+        build_tokenizer(partial)
+        try:
+            partial.rename(directory)
+        except OSError:  # another rank got there first
+            shutil.rmtree(partial)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def model_config(cfg: RunConfig, tokenizer) -> Qwen35Config:
+    """The checkpoint's config.json, or the preset; the tiny preset is sized for the tokenizer."""
+    check_model_source(cfg)
+    if cfg.model.path:
+        return read_model_config(cfg.model.path)
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if cfg.model.preset in SIZED_FOR_TOKENIZER:
+        return preset(cfg.model.preset, vocab_size=len(tokenizer), **ids)
+    config = preset(cfg.model.preset)  # trained with the run's tokenizer: it must fit, and stop and pad at its ids
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"model.preset {cfg.model.preset}: vocab_size {config.vocab_size} is smaller than the "
+                         f"tokenizer's {len(tokenizer)} entries")
+    return dataclasses.replace(config, **ids)
+
+
+def parameter_dtype(cfg: RunConfig, rt: Runtime) -> torch.dtype:
+    """float32 master weights, unless they are elsewhere on one device under bf16 compute: a
+    frozen base (LoRA) needs none, and `optim.cpu_offload` keeps them in the optimizer. The model
+    then holds bf16, which autocast would cast to anyway (the float32 parameters of DESIGN §3 stay
+    float32). Under FSDP the parameters stay float32, one dtype per sharded group."""
+    if (cfg.lora.rank or cfg.optim.cpu_offload) and rt.autocast_dtype is not None and rt.world_size == 1:
+        return rt.autocast_dtype
+    return torch.float32
+
+
+def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
+    """The model of `cfg` on `rt`'s device(s), ready to train."""
+    qlora = cfg.lora.quantize_base == "nf4"
+    if cfg.optim.cpu_offload and rt.world_size > 1:
+        raise ValueError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
+    if qlora and rt.world_size > 1:
+        raise ValueError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
+    if cfg.parallel.ep < 1:
+        raise ValueError(f"parallel.ep must be >= 1, got {cfg.parallel.ep}")
+    if cfg.parallel.ep > 1 and rt.world_size % cfg.parallel.ep:
+        raise ValueError(f"parallel.ep ({cfg.parallel.ep}) must divide the number of ranks ({rt.world_size})")
+    if cfg.parallel.ep > 1 and cfg.lora.target_parameters:
+        raise ValueError("parallel.ep with lora.target_parameters (adapters on the routed experts) is not built")
+
+    # 1. config, 2. the model on the meta device, in the dtype it will train in
+    config = model_config(cfg, tokenizer)
+    with torch.device("meta"):
+        model = Qwen35ForCausalLM(config)
+    model.to_compute_dtype(parameter_dtype(cfg, rt))
+
+    # 3. quantization and adapters
+    if qlora:  # NF4 quantizes real weights: the base gets its memory and weights first
+        _materialize(model, rt.device)
+        load_weights(model, cfg.model.path)
+        quantize_linear_layers(model, rt.autocast_dtype or torch.float32)
+    if cfg.lora.rank:
+        apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
+                                       list(cfg.lora.target_modules), list(cfg.lora.target_parameters)))
+
+    # 4. expert parallelism, 5. activation checkpointing, 6. compile, 7. FSDP2
+    expert_mesh = None
+    if cfg.parallel.ep > 1:
+        expert_mesh = expert_parallel_mesh(rt.device.type, cfg.parallel.ep)
+        apply_expert_parallel(model, expert_mesh)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
+    if cfg.train.compile:
+        compile_layers(model)
+    if rt.world_size > 1:
+        apply_fsdp(model, data_parallel_mesh(rt.device.type), cfg.parallel.reshard_after_forward,
+                   cfg.parallel.cpu_offload, expert_mesh)
+
+    # 8. memory on the device, 9. the checkpoint's weights, 10. what the checkpoint does not hold
+    if not qlora:
+        _materialize(model, rt.device)
+        if cfg.model.path:
+            load_weights(model, cfg.model.path, skip=lora_parameter_names(model))
+        else:
+            _init_random(model)
+    reset_lora_parameters(model)
+    model.train()
+    return model
+
+
+def build_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
+    tokenizer = load_tokenizer(cfg)
+    return build_model(cfg, rt, tokenizer), tokenizer
+
+
+def _materialize(model: Qwen35ForCausalLM, device: torch.device) -> None:
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives the tied head memory of its own
+
+
+def _init_random(model: Qwen35ForCausalLM) -> None:
+    """transformers' initialisation. Sharded, every rank draws the same whole model on the CPU
+    from the seed and keeps its slices, so the weights do not depend on the number of ranks."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        model.init_weights()
+        return
+    whole = Qwen35ForCausalLM.from_config(model.config)
+    set_model_state_dict(model, whole.state_dict(), options=StateDictOptions(full_state_dict=True))
