@@ -57,7 +57,7 @@ def _ensure_sft_export(sft_dir: Path) -> Path:
     final = sft_dir / "final"
     if not (final / "config.json").is_file():
         from qwen35.train.builtin import DEFAULT_RUN_CONFIG, run_default_or_train
-        from qwen35.train.config import load_run_config
+        from qwen35.train.config_parser import load_run_config
 
         print(f"no SFT export at {final}: running the built-in `qwen35 train` first")
         run_default_or_train(load_run_config(DEFAULT_RUN_CONFIG, [f"--train.output_dir={sft_dir}"]))

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from qwen35.model.model import IGNORE_INDEX, next_token_targets
+from qwen35.model.model import next_token_targets
+from qwen35.ops.cross_entropy import IGNORE_INDEX
 
 
 @dataclass

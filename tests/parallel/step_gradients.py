@@ -9,15 +9,16 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
-from qwen35.train.config import load_run_config
-from qwen35.train.setup import Runtime, load_model_and_tokenizer, prepare_data
+from qwen35.build import build_model_and_tokenizer
+from qwen35.train.config_parser import load_run_config
+from qwen35.train.setup import Runtime, prepare_data
 from qwen35.train.step import forward_backward
 from qwen35.train.trainer import _global_count
 
 out, cfg = sys.argv[1], load_run_config(None, sys.argv[2:])
 rt = Runtime.start(cfg)
 torch.manual_seed(cfg.train.seed)  # as the trainer draws the initial weights
-model, tokenizer = load_model_and_tokenizer(cfg, rt)
+model, tokenizer = build_model_and_tokenizer(cfg, rt)
 data = prepare_data(cfg, tokenizer, rt)
 batches = iter(data.loader)
 micro = [next(batches) for _ in range(cfg.train.global_batch_size // rt.world_size // cfg.train.micro_batch_size)]
