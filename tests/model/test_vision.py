@@ -117,19 +117,42 @@ def test_packed_row_of_image_documents_equals_documents_one_by_one(tmp_path):
                   pixel_values=torch.cat([d["pixel_values"] for d in docs]),
                   image_grid_thw=torch.cat([d["image_grid_thw"] for d in docs]),
                   cu_seqlens=lengths.cumsum(0).to(torch.int32))
-    packed_out = ours(**packed, labels=packed["input_ids"])
-    packed_out.loss_sum.backward()
+    weights = torch.randn(1, int(lengths.sum()), hf.config.text_config.vocab_size,
+                          generator=torch.Generator().manual_seed(1))
+    logits = ours(**packed).logits
+    (logits * weights).sum().backward()
     packed_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
     ours.zero_grad()
+    alone = []
+    for d, w in zip(docs, weights.split(lengths[1:].tolist(), dim=1)):
+        alone.append(ours(**d).logits)
+        (alone[-1] * w).sum().backward()
     with torch.no_grad():
-        logits = ours(**packed).logits[0]
-        alone = torch.cat([ours(**d).logits[0] for d in docs])
-        hf_alone = torch.cat([hf(**d, mm_token_type_ids=mm_token_types(d["input_ids"], _config_ids())).logits[0]
-                              for d in docs])
-    assert (logits - alone).abs().max().item() <= 1e-5
-    assert (logits - hf_alone).abs().max().item() <= 1e-5
-    for d in docs:
-        ours(**d, labels=d["input_ids"]).loss_sum.backward()
+        hf_alone = [hf(**d, mm_token_type_ids=mm_token_types(d["input_ids"], _config_ids())).logits for d in docs]
+    assert (logits - torch.cat(alone, dim=1)).abs().max().item() <= 1e-5
+    assert (logits - torch.cat(hf_alone, dim=1)).abs().max().item() <= 1e-5
     for name, param in ours.named_parameters():
         assert _relative(packed_grads[name], param.grad) <= 1e-4, name
-    assert packed_out.num_loss_tokens.item() == sum(n - 1 for n in lengths[1:].tolist())
+
+
+def test_processor_writes_patches_in_the_merge_order_the_tower_assumes():
+    """transformers' image processor (its PIL backend, offline): rows of pixel_values come in
+    2x2 merge-block order, each row is (channel, frame, pixel row, pixel column), and an image is
+    repeated to the 2 frames of a temporal patch."""
+    import numpy as np
+    from transformers import Qwen2VLImageProcessorPil
+
+    from qwen35.model.vision import merge_order
+
+    processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    rows, cols = np.meshgrid(np.arange(64), np.arange(96), indexing="ij")
+    image = np.stack([rows * 2, cols * 2, np.full_like(rows, 7)], axis=-1).astype(np.uint8)
+    out = processor(images=[image], return_tensors="pt", do_resize=False)
+    assert out["image_grid_thw"].tolist() == [[1, 4, 6]]
+    pixels = ((out["pixel_values"].view(-1, 3, 2, 16, 16) * 0.5 + 0.5) * 255).round()  # undo the normalisation
+    patch_rows, patch_cols = merge_order(4, 6, 2)
+    assert torch.equal(pixels[:, 0, 0, 0, 0] / 2, patch_rows * 16.0)
+    assert torch.equal(pixels[:, 1, 0, 0, 0] / 2, patch_cols * 16.0)
+    assert torch.equal(pixels[0, 0, 0, :, 0] / 2, torch.arange(16.0))  # pixel rows along dim 3
+    assert torch.equal(pixels[:, :, 0], pixels[:, :, 1])
