@@ -22,9 +22,10 @@ from qwen35.model.vision import VisionModel
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids, as the processor writes them
 
 
-def mm_token_types(input_ids: torch.Tensor, config: Qwen35VLConfig) -> torch.Tensor:
-    """`mm_token_type_ids` from the token ids: 1 on image pads, 2 on video pads, 0 elsewhere."""
-    return (input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long()
+def mm_token_types(input_ids: torch.Tensor, image_token_id: int, video_token_id: int) -> torch.Tensor:
+    """`mm_token_type_ids` as transformers' processor derives them from the token ids: 1 on
+    image pads, 2 on video pads, 0 elsewhere."""
+    return (input_ids == image_token_id).long() + 2 * (input_ids == video_token_id).long()
 
 
 def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
@@ -125,7 +126,7 @@ class Qwen35VLModel(nn.Module):
         embeds = self.embed(input_ids, media)
         if position_ids is None and media:
             if mm_token_type_ids is None:
-                mm_token_type_ids = mm_token_types(input_ids, self.config)
+                mm_token_type_ids = mm_token_types(input_ids, self.config.image_token_id, self.config.video_token_id)
             position_ids = mrope_positions(mm_token_type_ids, image_grid_thw, video_grid_thw,
                                            self.config.vision.spatial_merge_size, cu_seqlens)
         elif position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:

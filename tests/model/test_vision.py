@@ -41,13 +41,7 @@ def _batch(seed=0):
     ids = torch.tensor([row0, row1])
     return dict(input_ids=ids, pixel_values=_pixels(images, gen), image_grid_thw=torch.tensor(images),
                 pixel_values_videos=_pixels(videos, gen), video_grid_thw=torch.tensor(videos),
-                mm_token_type_ids=mm_token_types(ids, _config_ids()))
-
-
-def _config_ids():
-    class Ids:
-        image_token_id, video_token_id = IMAGE, VIDEO
-    return Ids
+                mm_token_type_ids=mm_token_types(ids, IMAGE, VIDEO))
 
 
 def _ours(hf, tmp_path):
@@ -128,7 +122,7 @@ def test_packed_row_of_image_documents_equals_documents_one_by_one(tmp_path):
         alone.append(ours(**d).logits)
         (alone[-1] * w).sum().backward()
     with torch.no_grad():
-        hf_alone = [hf(**d, mm_token_type_ids=mm_token_types(d["input_ids"], _config_ids())).logits for d in docs]
+        hf_alone = [hf(**d, mm_token_type_ids=mm_token_types(d["input_ids"], IMAGE, VIDEO)).logits for d in docs]
     assert (logits - torch.cat(alone, dim=1)).abs().max().item() <= 1e-5
     assert (logits - torch.cat(hf_alone, dim=1)).abs().max().item() <= 1e-5
     for name, param in ours.named_parameters():
@@ -156,3 +150,16 @@ def test_processor_writes_patches_in_the_merge_order_the_tower_assumes():
     assert torch.equal(pixels[:, 1, 0, 0, 0] / 2, patch_cols * 16.0)
     assert torch.equal(pixels[0, 0, 0, :, 0] / 2, torch.arange(16.0))  # pixel rows along dim 3
     assert torch.equal(pixels[:, :, 0], pixels[:, :, 1])
+
+
+def test_pad_tokens_that_do_not_match_the_grids_are_a_clear_error():
+    from qwen35.model import Qwen35VLConfig
+
+    model = Qwen35ForConditionalGeneration.from_config(Qwen35VLConfig.from_hf_dict(hf_vl_media_model().config.to_dict()))
+    batch = _batch()
+    batch["image_grid_thw"] = torch.tensor([[1, 4, 6], [1, 4, 6]])  # the ids hold 4 pads for the second
+    batch["pixel_values"] = torch.randn(48, PATCH_VALUES)
+    with pytest.raises(ValueError, match="image pad tokens"):
+        model(**{k: v for k, v in batch.items() if k != "mm_token_type_ids"})
+    with pytest.raises(ValueError, match="grid"):
+        mrope_positions(batch["mm_token_type_ids"], torch.tensor([[1, 4, 6], [1, 2, 6]]), batch["video_grid_thw"])
