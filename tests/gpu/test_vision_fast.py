@@ -7,7 +7,7 @@ import torch
 from qwen35 import Qwen35ForConditionalGeneration
 from qwen35.model import Qwen35VLConfig, VisionConfig
 
-from test_model_fast import TINY, flat, rel_err
+from test_model_fast import TINY, assert_fast_step_as_accurate_as_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -28,21 +28,6 @@ def _packed_image_documents(gen):
                 image_grid_thw=torch.tensor(GRIDS, device="cuda"), cu_seqlens=cu)
 
 
-def _step(model, backend, batch, autocast=True):
-    from qwen35 import ops
-
-    ops.use_backend(backend)
-    try:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = model(**batch, labels=batch["input_ids"])
-        out.loss.backward()
-    finally:
-        ops.use_backend("reference")
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out.loss.detach(), grads
-
-
 def test_vl_training_step_fast_is_as_accurate_as_the_reference_path(fast_backend):
     vision = VisionConfig(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=128,
                           num_position_embeddings=64)
@@ -51,16 +36,6 @@ def test_vl_training_step_fast_is_as_accurate_as_the_reference_path(fast_backend
     torch.manual_seed(0)
     model = Qwen35ForConditionalGeneration.from_config(config, device="cuda")
     batch = _packed_image_documents(torch.Generator(device="cuda").manual_seed(1))
-    loss_true, grads_true = _step(model, "reference", batch, autocast=False)
-    loss_ref, grads_ref = _step(model, "reference", batch)
-    loss_fast, grads_fast = _step(model, "fast", batch)
-    assert any(n.startswith("model.visual.") for n in grads_fast)
-    err_ref = {n: rel_err(grads_ref[n], grads_true[n]) for n in grads_true}
-    err_fast = {n: rel_err(grads_fast[n], grads_true[n]) for n in grads_true}
-    flat_ref, flat_fast = rel_err(flat(grads_ref), flat(grads_true)), rel_err(flat(grads_fast), flat(grads_true))
-    worst = sorted(((n, err_fast[n], err_ref[n]) for n in err_fast), key=lambda t: -t[1] / (t[2] + 1e-3))[:5]
-    print(f"VL: loss fp32 {loss_true.item():.5f} ref-bf16 {loss_ref.item():.5f} fast {loss_fast.item():.5f}; "
-          f"all-grads rel err vs fp32: reference-bf16 {flat_ref:.2e}, fast {flat_fast:.2e}; worst {worst}")
-    assert rel_err(loss_fast, loss_true) <= 1e-3
-    assert flat_fast <= 1.25 * flat_ref + 2e-3
-    assert all(err_fast[n] <= 2 * err_ref[n] + 1e-2 for n in err_fast), worst
+    ids, cu = batch.pop("input_ids"), batch.pop("cu_seqlens")
+    grads = assert_fast_step_as_accurate_as_reference("VL", model, ids, cu, **batch)
+    assert any(n.startswith("model.visual.") for n in grads)
