@@ -125,6 +125,9 @@ class VisionModel(nn.Module):
         """`[sum(t * h * w) / merge², out_hidden_size]`: the tokens that replace the media pads,
         medium after medium."""
         grid_thw = grid_thw.long()
+        if (grid_thw[:, 1:] % self.config.spatial_merge_size).any():
+            raise ValueError(f"grid_thw {grid_thw.tolist()}: heights and widths must be multiples of the "
+                             f"{self.config.spatial_merge_size}x{self.config.spatial_merge_size} merge")
         x = self.patch_embed(pixel_values)
         if x.shape[0] != int(grid_thw.prod(-1).sum()):
             raise ValueError(f"pixel_values has {x.shape[0]} patches but the grids (grid_thw) "

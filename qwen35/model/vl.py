@@ -39,9 +39,13 @@ def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw=None, video_
     frames take their grids in order of appearance, over the whole batch. With `cu_seqlens`
     (a packed row) positions restart at 0 at every document start. transformers computes the
     same in `Qwen3_5Model.get_rope_index` (for one document per row).
+
+    Computed on the CPU (a loop over runs; on the GPU every step would wait for the device),
+    returned on the device of `mm_token_type_ids`. A data loader can call it per row instead.
     """
     batch, length = mm_token_type_ids.shape
-    device = mm_token_type_ids.device
+    out_device, device = mm_token_type_ids.device, torch.device("cpu")
+    mm_token_type_ids = mm_token_type_ids.cpu()
     grids = {
         IMAGE: iter([] if image_grid_thw is None else image_grid_thw.tolist()),
         # one grid per frame: [t, h, w] -> t times [1, h, w]
@@ -53,7 +57,7 @@ def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw=None, video_
     if cu_seqlens is not None:
         if batch != 1:
             raise ValueError(f"a packed row (cu_seqlens) must be passed as a batch of one, got batch {batch}")
-        starts[cu_seqlens[:-1].long().clamp(max=length - 1)] = True
+        starts[cu_seqlens[:-1].long().cpu().clamp(max=length - 1)] = True
     positions = torch.zeros(3, batch, length, dtype=torch.long, device=device)
     for b in range(batch):
         types = mm_token_type_ids[b]
@@ -81,7 +85,7 @@ def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw=None, video_
             tt, hh, ww = torch.meshgrid(*(torch.arange(n, device=device) for n in (t, h, w)), indexing="ij")
             positions[:, b, begin:end] = torch.stack([tt, hh, ww]).flatten(1) + next_position
             next_position += max(h, w)
-    return positions
+    return positions.to(out_device)
 
 
 class Qwen35VLModel(nn.Module):
