@@ -138,3 +138,38 @@ def read_safetensors(directory) -> dict[str, torch.Tensor]:
         with safe_open(str(path), "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+# Media token ids of the tiny vision-language models (the real ones are 248053-248057).
+VL_TOKENS = dict(vision_start_token_id=92, vision_end_token_id=93, image_token_id=94, video_token_id=95)
+
+
+def hf_vl_media_model(moe: bool = False, seed: int = 0):
+    """A tiny transformers Qwen3_5(Moe)ForConditionalGeneration for media inputs: a 2-block
+    vision tower (patch 16, temporal patch 2, 2x2 merge, a 6x6 position table) and a text model
+    whose rotary turns 2 frequencies per M-RoPE axis."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "mrope_section": [2, 2, 2], "mrope_interleaved": True}
+    vision = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32,
+                  num_position_embeddings=36)
+    if moe:
+        text = hf_moe_model(seed, rope_parameters=rope).config.to_dict()
+        config = Qwen3_5MoeConfig(text_config=text, vision_config=vision, **VL_TOKENS)
+        config.text_config._attn_implementation = "eager"
+        model = Qwen3_5MoeForConditionalGeneration(config)
+    else:
+        text = tiny_text_config("untied_interval4_gqa4", rope_parameters=rope).to_dict()
+        config = Qwen3_5Config(text_config=text, vision_config=vision, **VL_TOKENS)
+        config.text_config._attn_implementation = "eager"
+        model = Qwen3_5ForConditionalGeneration(config)
+    model = model.float().eval()
+    perturb_norms(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # vision biases start at zero: move them so their gradients mean something
+        for name, p in model.named_parameters():
+            if name.startswith("model.visual.") and name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model

@@ -75,18 +75,31 @@ def _open(path: Path):
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def _model_piece(checkpoint_key: str, vision_language: bool, config: Qwen35Config):
+def _text_parameter_name(checkpoint_key: str, vision_language: bool) -> str | None:
+    """The text model's name for a checkpoint key; None for a tensor carried through."""
+    if checkpoint_key.startswith(CARRIED_PREFIXES):
+        return None
+    if vision_language and checkpoint_key.startswith(VL_TEXT_PREFIX):
+        return "model." + checkpoint_key[len(VL_TEXT_PREFIX):]
+    return checkpoint_key
+
+
+def _model_piece(checkpoint_key: str, vision_language: bool, config: Qwen35Config, parameter_name=None):
     """(our parameter name, where the stored tensor sits in it), or None for a carried tensor.
+
+    `parameter_name(key)`, a model class's own key map (the vision-language model's), replaces
+    the text model's.
 
     Most tensors are a whole parameter (index `()`). MoE checkpoints store each routed expert's
     projections apart (some writers store the fused 3-D tensors, which load as they are); in memory they are fused per layer: `experts.{e}.gate_proj` is
     `experts.gate_up_proj[e, :I]`, `up_proj` is `[e, I:]`, `down_proj` is `experts.down_proj[e]`.
     """
-    if checkpoint_key.startswith(CARRIED_PREFIXES):
+    if parameter_name is not None:
+        name = parameter_name(checkpoint_key)
+    else:
+        name = _text_parameter_name(checkpoint_key, vision_language)
+    if name is None:
         return None
-    name = checkpoint_key
-    if vision_language and name.startswith(VL_TEXT_PREFIX):
-        name = "model." + name[len(VL_TEXT_PREFIX):]
     expert = _EXPERT_KEY.match(name)
     if expert is None:
         return name, ()
@@ -136,7 +149,7 @@ def _plan(model, model_dir: Path, skip) -> _LoadPlan:
     sources: dict[str, list[tuple[str, str, tuple]]] = {}
     unexpected, wrong_shapes = [], []
     for key, file in files.items():
-        piece = _model_piece(key, vision_language, config)
+        piece = _model_piece(key, vision_language, config, getattr(model, "parameter_name", None))
         if piece is None:
             origin.carried[key] = file
         elif piece[0] in expected:
@@ -190,8 +203,10 @@ def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=Non
     tensors are cast to `dtype` except the float32 ones the model keeps float32. (Training builds
     its model in `qwen35.build`, which shards it before it has memory.)"""
     model_dir = Path(model_dir).expanduser()
+    config_class = getattr(cls, "config_class", Qwen35Config)  # the vision-language model's has its own
+    config = config_class.from_hf_dict(read_config_json(model_dir), source=str(model_dir / "config.json"))
     with torch.device("meta"):
-        model = cls(read_model_config(model_dir))
+        model = cls(config)
     stored = _plan(model, model_dir, skip=()).origin.stored_dtypes
     keep_fp32 = set(model.fp32_parameter_names())
     for name, param in model.named_parameters():
@@ -235,12 +250,16 @@ def _export_tensors(model) -> dict[str, torch.Tensor]:
     origin = getattr(model, "origin", None)
     stored = origin.stored_dtypes if origin else {}
     prefix_vl = origin is not None and origin.vision_language
+    to_key = getattr(model, "checkpoint_key", None)  # a model class's own key map
     out = {}
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     for name, param in full.items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
-        key = VL_TEXT_PREFIX + name[len("model."):] if prefix_vl and name.startswith("model.") else name
+        if to_key is not None:
+            key = to_key(name)
+        else:
+            key = VL_TEXT_PREFIX + name[len("model."):] if prefix_vl and name.startswith("model.") else name
         tensor = param.detach().to(device="cpu", dtype=stored.get(name, param.dtype))
         out.update(_split_experts(key, tensor))
     return out

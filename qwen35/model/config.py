@@ -210,3 +210,93 @@ def preset(name: str, **overrides: Any) -> Qwen35Config:
     )
     args.update(overrides)
     return Qwen35Config(**args)
+
+
+# --- vision-language ------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower's arguments: config.json's `vision_config`."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    hidden_act: str = "gelu_pytorch_tanh"
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    out_hidden_size: int = 3584  # the language model's width
+    num_position_embeddings: int = 2304  # a 48 x 48 table, resampled to each image's grid
+    initializer_range: float = 0.02
+    rope_theta: float = 10_000.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_act != "gelu_pytorch_tanh":
+            raise ValueError(f"vision_config.hidden_act {self.hidden_act!r} is not supported (gelu_pytorch_tanh)")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("vision_config.hidden_size must be a multiple of num_heads")
+        if int(self.num_position_embeddings**0.5) ** 2 != self.num_position_embeddings:
+            raise ValueError("vision_config.num_position_embeddings must be a square (a side x side table)")
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> VisionConfig:
+        kwargs = {k: raw[k] for k in _VISION_FIELDS & raw.keys()}
+        rope = raw.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = float(rope["rope_theta"])
+        return cls(**kwargs)
+
+    def to_hf_dict(self, moe: bool) -> dict[str, Any]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "rope_theta"}
+        out["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.rope_theta}
+        out["model_type"] = "qwen3_5_moe_vision" if moe else "qwen3_5_vision"
+        return out
+
+
+_VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)} - {"rope_theta"}
+
+
+@dataclass
+class Qwen35VLConfig(Qwen35Config):
+    """The vision-language model: the text model's arguments (inherited, read from
+    `text_config`), the vision tower's, and the media token ids."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 248056
+    video_token_id: int = 248057
+    vision_start_token_id: int = 248053
+    vision_end_token_id: int = 248054
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> Qwen35VLConfig:
+        if "vision_config" not in raw:
+            raise ValueError(f"{source}: no vision_config; not a vision-language checkpoint "
+                             "(load it with Qwen35ForCausalLM)")
+        text = Qwen35Config.from_hf_dict(raw, source)
+        tokens = {k: raw[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                      "vision_end_token_id") if k in raw}
+        return cls(**{f.name: getattr(text, f.name) for f in dataclasses.fields(Qwen35Config)},
+                   vision=VisionConfig.from_hf_dict(raw["vision_config"]), **tokens)
+
+    def text_config(self) -> Qwen35Config:
+        return Qwen35Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Qwen35Config)})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json that transformers' `Qwen3_5(Moe)ForConditionalGeneration` reads."""
+        moe = self.num_experts > 0
+        text = self.text_config().to_hf_dict()
+        text.pop("architectures")
+        return {
+            "model_type": "qwen3_5_moe" if moe else "qwen3_5",
+            "architectures": ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"],
+            "text_config": text,
+            "vision_config": self.vision.to_hf_dict(moe),
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }

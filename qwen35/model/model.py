@@ -165,8 +165,11 @@ class Qwen35Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache: InferenceCache | None = None,
-                router_logits: RouterLogits | None = None):
-        batch, length = input_ids.shape
+                router_logits: RouterLogits | None = None, inputs_embeds=None):
+        """`inputs_embeds [B, T, D]`, when given, replaces the embedding of `input_ids` (the
+        vision-language model's, with media features in the pad tokens' places)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = x.shape[:2]
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"a packed row (cu_seqlens) must be passed as a batch of one, got batch {batch}")
         slots = None
@@ -178,8 +181,7 @@ class Qwen35Model(nn.Module):
             if cu_seqlens is not None:
                 position_ids = positions_in_documents(cu_seqlens, length)[None]
             else:
-                position_ids = torch.arange(length, device=input_ids.device)[None].expand(batch, -1)
-        x = self.embed_tokens(input_ids)
+                position_ids = torch.arange(length, device=x.device)[None].expand(batch, -1)
         rotary = rotary_tables(self.config, position_ids, x.dtype)
         lengths_after = None if cache is None else cache.lengths + length
         for i, layer in enumerate(self.layers):
@@ -208,6 +210,21 @@ class CausalLMOutput:
     router: RouterStats | None = None  # MoE: `loss` includes router_aux_loss_coef * router.aux_loss
 
 
+def causal_lm_output(config: Qwen35Config, hidden, lm_head: nn.Linear, labels=None, cu_seqlens=None,
+                     router_logits: RouterLogits | None = None) -> CausalLMOutput:
+    """Logits of the final hidden states, or with `labels` the loss (see `Qwen35ForCausalLM`)."""
+    if labels is None:
+        return CausalLMOutput(logits=lm_head(hidden))
+    targets = next_token_targets(labels, cu_seqlens)
+    loss_sum = ops.linear_cross_entropy(hidden.flatten(0, 1), lm_head.weight, targets.flatten())
+    count = (targets != IGNORE_INDEX).sum()
+    out = CausalLMOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_loss_tokens=count)
+    if router_logits is not None and router_logits.layers:
+        out.router = router_stats(router_logits.layers, config.num_experts_per_tok)
+        out.loss = out.loss + config.router_aux_loss_coef * out.router.aux_loss
+    return out
+
+
 class Qwen35ForCausalLM(nn.Module):
     def __init__(self, config: Qwen35Config):
         super().__init__()
@@ -229,16 +246,7 @@ class Qwen35ForCausalLM(nn.Module):
         """
         router_logits = RouterLogits() if self.config.num_experts and labels is not None else None
         hidden = self.model(input_ids, position_ids, cu_seqlens, cache, router_logits)
-        if labels is None:
-            return CausalLMOutput(logits=self.lm_head(hidden))
-        targets = next_token_targets(labels, cu_seqlens)
-        loss_sum = ops.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        count = (targets != IGNORE_INDEX).sum()
-        out = CausalLMOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_loss_tokens=count)
-        if router_logits is not None and router_logits.layers:
-            out.router = router_stats(router_logits.layers, self.config.num_experts_per_tok)
-            out.loss = out.loss + self.config.router_aux_loss_coef * out.router.aux_loss
-        return out
+        return causal_lm_output(self.config, hidden, self.lm_head, labels, cu_seqlens, router_logits)
 
     # --- construction ---------------------------------------------------------------------
 

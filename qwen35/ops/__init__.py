@@ -79,8 +79,10 @@ def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_s
     return _active["causal_conv1d"](x, weight, cu_seqlens, initial_state, output_final_state)
 
 
-def causal_attention(q, k, v, cu_seqlens=None, scale=None):
-    return _active["causal_attention"](q, k, v, cu_seqlens, scale)
+def causal_attention(q, k, v, cu_seqlens=None, scale=None, causal=True):
+    """Softmax attention within each document of a packed row; `causal=False` lets every token
+    see its whole document (vision patches)."""
+    return _active["causal_attention"](q, k, v, cu_seqlens, scale, causal)
 
 
 def gated_rms_norm(x, z, weight, eps):

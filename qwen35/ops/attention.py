@@ -1,8 +1,9 @@
-"""Causal softmax attention over packed rows, torch reference.
+"""Softmax attention over packed rows, torch reference.
 
 q `[B, T, H, D]`, k and v `[B, T, Hkv, D]` (grouped-query: query head h reads kv head
-`h // (H // Hkv)`). With `cu_seqlens` the row is block-diagonal causal: a token sees only the
-earlier tokens of its own document.
+`h // (H // Hkv)`). With `cu_seqlens` the row is block-diagonal: a token sees only the
+tokens of its own document, the earlier ones when causal (text), all of them when not (the
+patches of one image frame in the vision tower).
 """
 
 from __future__ import annotations
@@ -13,17 +14,23 @@ import torch.nn.functional as F
 from qwen35.ops.segments import pad_documents, unpad_documents
 
 
-def causal_attention(q, k, v, cu_seqlens=None, scale=None):
+def causal_attention(q, k, v, cu_seqlens=None, scale=None, causal=True):
     """The op behind the seam. Returns `[B, T, H, D]`."""
     groups = q.shape[2] // k.shape[2]
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
     if cu_seqlens is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    else:  # one document per batch row; causal attention never reaches the padding after it
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    else:  # one document per batch row
         (q, index), (k, _), (v, _) = (pad_documents(x.transpose(1, 2), cu_seqlens) for x in (q, k, v))
+        # causal attention never reaches the padding after a document; the non-causal kind is
+        # kept from it by a key mask
+        mask = None
+        if not causal:
+            counts = cu_seqlens[1:] - cu_seqlens[:-1]
+            mask = (torch.arange(k.shape[1], device=k.device) < counts[:, None].to(k.device))[:, None, None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, scale=scale)
+                                             attn_mask=mask, is_causal=causal, scale=scale)
         out = unpad_documents(out.transpose(1, 2), index).transpose(1, 2)
     return out.transpose(1, 2)
 

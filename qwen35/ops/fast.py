@@ -165,11 +165,11 @@ def gated_rms_norm(x, z, weight, eps):
 
 
 @torch.compiler.disable
-def causal_attention(q, k, v, cu_seqlens=None, scale=None):
+def causal_attention(q, k, v, cu_seqlens=None, scale=None, causal=True):
     """Flash attention on the packed row; see `qwen35.ops.attention.causal_attention`."""
     dtype = compute_dtype(v)
     if not _on_gpu(q, k, v) or dtype not in (torch.bfloat16, torch.float16):
-        return _attention.causal_attention(q, k, v, cu_seqlens, scale)
+        return _attention.causal_attention(q, k, v, cu_seqlens, scale, causal)
     batch, length, heads, dim = q.shape
     kv_heads = k.shape[2]
     q, k, v = (x.reshape(batch * length, x.shape[2], dim).to(dtype) for x in (q, k, v))
@@ -185,9 +185,9 @@ def causal_attention(q, k, v, cu_seqlens=None, scale=None):
         else:
             k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
     if "window_size" in _VARLEN_PARAMS:
-        extra["window_size"] = (-1, 0)
+        extra["window_size"] = (-1, 0) if causal else (-1, -1)
     else:  # the first releases of varlen_attn spelt causal as a flag
-        extra["is_causal"] = True
+        extra["is_causal"] = causal
     out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra)
     return out.view(batch, length, heads, dim)
 

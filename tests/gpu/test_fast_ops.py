@@ -143,8 +143,10 @@ def test_gated_rms_norm_matches_reference(fast_backend):
     assert_all_close({"y": (yf, yr), "dx": (gf[0], gr[0]), "dz": (gf[1], gr[1]), "dw": (gf[2], gr[2])})
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("packed", [True, False])
-def test_causal_attention_matches_reference_with_grouped_kv_and_head_dim_256(fast_backend, packed):
+def test_causal_attention_matches_reference_with_grouped_kv_and_head_dim_256(fast_backend, packed, causal):
+    """causal=False is the vision tower's attention (all patches of a frame see each other)."""
     from qwen35.ops import fast
 
     batch, length = (1, sum(DOCS)) if packed else (2, 150)
@@ -152,7 +154,8 @@ def test_causal_attention_matches_reference_with_grouped_kv_and_head_dim_256(fas
     q = torch.randn(batch, length, 8, 256, device="cuda")
     k, v = torch.randn(2, batch, length, 2, 256, device="cuda").unbind(0)
     (qf, kf, vf), (qr, kr, vr) = leaves(q, k, v)
-    of, orf = fast.causal_attention(qf, kf, vf, cu), attention.causal_attention(qr, kr, vr, cu)
+    of = fast.causal_attention(qf, kf, vf, cu, causal=causal)
+    orf = attention.causal_attention(qr, kr, vr, cu, causal=causal)
     assert of.shape == orf.shape == q.shape
     do = torch.randn_like(orf)
     gf, gr = grads((of,), (do,), (qf, kf, vf)), grads((orf,), (do,), (qr, kr, vr))

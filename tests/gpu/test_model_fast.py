@@ -38,11 +38,11 @@ def packed_batch(vocab, docs=DOCS, seed=1):
     return ids, cu
 
 
-def step(model, backend, ids, cu, autocast=True):
+def step(model, backend, ids, cu, autocast=True, **media):
     ops.use_backend(backend)
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = model(ids, cu_seqlens=cu, labels=ids)
+            out = model(ids, cu_seqlens=cu, labels=ids, **media)
         out.loss.backward()
     finally:
         ops.use_backend("reference")
@@ -63,18 +63,23 @@ def test_training_step_fast_is_as_accurate_as_the_reference_path(fast_backend, s
     config = Qwen35Config(**TINY) if shape == "tiny" else preset("0.8B", num_hidden_layers=4)
     model = build(config)
     ids, cu = packed_batch(config.vocab_size)
-    loss_true, grads_true = step(model, "reference", ids, cu, autocast=False)
-    loss_ref, grads_ref = step(model, "reference", ids, cu)
-    loss_fast, grads_fast = step(model, "fast", ids, cu)
+    assert_fast_step_as_accurate_as_reference(shape, model, ids, cu)
+
+
+def assert_fast_step_as_accurate_as_reference(name, model, ids, cu, **media):
+    loss_true, grads_true = step(model, "reference", ids, cu, autocast=False, **media)
+    loss_ref, grads_ref = step(model, "reference", ids, cu, **media)
+    loss_fast, grads_fast = step(model, "fast", ids, cu, **media)
     err_ref = {n: relative_error(grads_ref[n], grads_true[n]) for n in grads_true}
     err_fast = {n: relative_error(grads_fast[n], grads_true[n]) for n in grads_true}
     flat_ref, flat_fast = relative_error(flat(grads_ref), flat(grads_true)), relative_error(flat(grads_fast), flat(grads_true))
     worst = sorted(((n, err_fast[n], err_ref[n]) for n in err_fast), key=lambda t: -t[1] / (t[2] + 1e-3))[:5]
-    print(f"{shape}: loss fp32 {loss_true.item():.5f} ref-bf16 {loss_ref.item():.5f} fast {loss_fast.item():.5f}; "
+    print(f"{name}: loss fp32 {loss_true.item():.5f} ref-bf16 {loss_ref.item():.5f} fast {loss_fast.item():.5f}; "
           f"all-grads rel err vs fp32: reference-bf16 {flat_ref:.2e}, fast {flat_fast:.2e}; worst (fast, ref) {worst}")
     assert relative_error(loss_fast, loss_true) <= 1e-3
     assert flat_fast <= 1.25 * flat_ref + 2e-3
     assert all(err_fast[n] <= 2 * err_ref[n] + 1e-2 for n in err_fast), worst
+    return grads_fast
 
 
 def test_decoding_fast_equals_reference(fast_backend, dtype=torch.bfloat16, tol=3e-2):

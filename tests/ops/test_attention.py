@@ -1,4 +1,5 @@
 import torch
+import torch.nn.functional as F
 
 from qwen35.ops.attention import cached_attention, causal_attention
 
@@ -30,6 +31,17 @@ def test_packed_attention_is_block_diagonal():
     packed = causal_attention(q, k, v, cu_seqlens)
     for s, e in [(0, 4), (4, 5), (5, 15)]:
         assert torch.allclose(packed[:, s:e], _explicit(q[:, s:e], k[:, s:e], v[:, s:e]), atol=1e-6)
+
+
+def test_packed_non_causal_attention_equals_sdpa_per_document():
+    """The vision tower's kind: every patch sees all patches of its frame, none of another."""
+    q, k, v = _qkv(15, kv_heads=4)
+    cu_seqlens = torch.tensor([0, 6, 7, 15], dtype=torch.int32)
+    packed = causal_attention(q, k, v, cu_seqlens, causal=False)
+    for s, e in [(0, 6), (6, 7), (7, 15)]:
+        alone = F.scaled_dot_product_attention(*(x[:, s:e].transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+        assert torch.allclose(packed[:, s:e], alone, atol=1e-6)
+    assert not torch.allclose(packed, causal_attention(q, k, v, cu_seqlens), atol=1e-3)
 
 
 def test_cached_attention_of_ragged_sequences_equals_full_attention():
