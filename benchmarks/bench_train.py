@@ -5,7 +5,8 @@
     python benchmarks/bench_train.py --smoke                               # CPU, tiny, reference ops
 
 Ours runs as the trainer does: a packed row of several documents (`--docs`), the fast ops, and
-one of these precisions (`--ours`, "precision:checkpointing[:compile]"):
+one of these precisions (`--ours`, "precision:checkpointing[:compile|:cudagraphs]"; `cudagraphs`
+compiles the layers with `mode="reduce-overhead"`, an experiment the trainer does not offer):
 
 - `fp32m`  float32 master parameters and AdamW state, bf16 compute under torch.autocast (the
            trainer's default); A_log and the GDN norm weight are float32 either way.
@@ -24,6 +25,18 @@ fla's GDN kernel (picked up by transformers when importable), Liger's kernels
 (`apply_liger_kernel_to_qwen3_5`: RMSNorm, SwiGLU, fused linear cross-entropy), AdamW, one row
 holding the same tokens as one sequence (transformers' GDN path cannot keep packed documents
 apart), optionally with gradient checkpointing (`--peer-ac`).
+
+Every ratio divides by the fastest peer variant measured in the same command for the same
+preset and length (`--peer-variants`, default both: with and without Liger); the table says
+which. `--delta-rule-kernel flash_qla` runs our delta rule through FlashQLA; it also turns on
+fla's own dispatch to FlashQLA, so the peer gets the same kernel (`qwen35.ops` docstring).
+
+For each of our configurations one more step runs under the torch profiler and its time is split
+into GDN (delta rule, conv, gated norm kernels), attention, matmuls, loss (the cross-entropy
+kernel; its matmuls count as matmuls), optimizer and other GPU kernels; the timed step's time
+beyond those kernels is GPU idle (the host not keeping up). The profiled step itself runs slower
+(the profiler's own overhead), so the table divides kernel times by the timed step; the printed
+profiled wall time is not the step time. `--no-breakdown` skips it.
 
 MFU is model FLOPs (recomputation not counted, `qwen35.train.flops.step_flops`, the same count
 the trainer logs) per second against 989 TFLOP/s (H100 bf16 dense).
@@ -95,6 +108,7 @@ class Result:
     mfu: float = 0.0
     peak_gib: float = 0.0
     gdn_ms: float | None = None  # the GDN op alone, all GDN layers of one step (fwd + bwd)
+    breakdown: dict[str, float] | None = None  # ms per category of one profiled step (`_profile`)
     steps: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -128,20 +142,25 @@ def _timed_steps(step, steps: int, warmup: int, device) -> float:
     return (time.perf_counter() - start) / max(steps, 1)
 
 
-PROFILE = False  # --profile: one profiled step per configuration, its GPU time by kernel family
+PROFILE = False  # --profile: also the peer's step, and the top kernels of every step
+BREAKDOWN = True  # --no-breakdown: no profiled step for ours
 
 _FAMILIES = {  # substring of a kernel name -> family (first match wins)
+    # GDN: fla's delta-rule kernels, FlashQLA's TileLang ones, the conv and the gated norm
+    "tilelang": "GDN", "gdr": "GDN", "kkt": "GDN", "chunk": "GDN", "wy": "GDN", "solve_tril": "GDN",
+    "l2norm": "GDN", "gdn": "GDN", "merge_16x16": "GDN", "causal_conv1d": "GDN", "layer_norm_gated": "GDN",
     "flash": "attention", "fmha": "attention", "attn": "attention",
-    "chunk": "gdn", "wy": "gdn", "solve_tril": "gdn", "l2norm": "gdn", "gdn": "gdn", "merge_16x16": "gdn",
-    "causal_conv1d": "conv", "layer_norm_gated": "gated norm",
-    "liger_cross_entropy": "cross-entropy", "cross_entropy": "cross-entropy",
-    "gemm": "matmul", "nvjet": "matmul", "cutlass": "matmul", "sm90_xmma": "matmul", "cublas": "matmul",
+    "cross_entropy": "loss",
+    "gemm": "matmuls", "nvjet": "matmuls", "cutlass": "matmuls", "sm90_xmma": "matmuls", "cublas": "matmuls",
     "adam": "optimizer", "multi_tensor": "optimizer",
 }
+CATEGORIES = ("GDN", "attention", "matmuls", "loss", "optimizer", "other")
 
 
-def _profile(step, label: str, device) -> None:
-    """GPU busy time of one step and its split by kernel family: is the step GPU- or CPU-bound?"""
+def _profile(step, label: str, device, top: int = 6) -> dict[str, float]:
+    """One profiled step: its wall time split into GPU time per kernel family (`_FAMILIES`) and
+    the time the GPU idled (wall minus busy: the host not keeping up). Prints it and the longest
+    kernels of "other"; returns {category: ms} with "idle" and "wall"."""
     from torch.profiler import ProfilerActivity, profile
 
     _sync(device)
@@ -149,18 +168,23 @@ def _profile(step, label: str, device) -> None:
         start = time.perf_counter()
         step()
         _sync(device)
-        wall = time.perf_counter() - start
-    families: dict[str, float] = {}
+        wall = (time.perf_counter() - start) * 1e3
+    split = dict.fromkeys(CATEGORIES, 0.0)
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    others = []
     for e in kernels:
         family = next((f for key, f in _FAMILIES.items() if key in e.key.lower()), "other")
-        families[family] = families.get(family, 0.0) + e.self_device_time_total / 1e3
-    busy = sum(families.values())
-    split = ", ".join(f"{k} {v:.0f}" for k, v in sorted(families.items(), key=lambda kv: -kv[1]))
-    print(f"[profile] {label}: wall {wall * 1e3:.0f} ms (profiled), GPU busy {busy:.0f} ms: {split}", flush=True)
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
-    for e in top:
-        print(f"[profile]   {e.self_device_time_total / 1e3:7.1f} ms  x{e.count:<4} {e.key[:90]}", flush=True)
+        split[family] += e.self_device_time_total / 1e3
+        if family == "other":
+            others.append(e)
+    split["idle"] = max(0.0, wall - sum(split.values()))
+    split["wall"] = wall
+    parts = ", ".join(f"{k} {split[k]:.0f} ({100 * split[k] / wall:.0f}%)" for k in (*CATEGORIES, "idle"))
+    print(f"[breakdown] {label}: profiled step {wall:.0f} ms: {parts}", flush=True)
+    shown = sorted(kernels if PROFILE else others, key=lambda e: -e.self_device_time_total)[:top * (2 if PROFILE else 1)]
+    for e in shown:
+        print(f"[breakdown]   {e.self_device_time_total / 1e3:7.1f} ms  x{e.count:<4} {e.key[:90]}", flush=True)
+    return split
 
 
 MEMORY_PROFILE = False  # --memory-profile: what is alive at the peak of one step, by where it was allocated
@@ -253,6 +277,8 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
         _reset_peak(device)  # construction (random init in float32) is not training
         if "compile" in rest:
             compile_layers(model)
+        elif "cudagraphs" in rest:  # inductor's CUDA graph trees over each compiled piece
+            compile_layers(model, mode="reduce-overhead")
         fused = device.type == "cuda"
         trained = [p for p in model.parameters() if p.requires_grad]
         if precision == "offload":
@@ -265,6 +291,8 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
                     else contextlib.nullcontext())
 
         def step():
+            if "cudagraphs" in rest:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 out = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], labels=batch["labels"])
             out.loss.backward()
@@ -275,8 +303,8 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
             _memory_profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs")
         seconds = _timed_steps(step, steps, warmup, device)
         _fill(result, seconds, step_flops(config, lengths), device)
-        if PROFILE and device.type == "cuda":
-            _profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs", device)
+        if (BREAKDOWN or PROFILE) and device.type == "cuda":
+            result.breakdown = _profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs", device)
 
     return _guarded(result, run)
 
@@ -333,7 +361,7 @@ def run_peer(config, name, variant, length, steps, warmup, device) -> Result:
         seconds = _timed_steps(step, steps, warmup, device)
         _fill(result, seconds, step_flops(config, [length]), device)
         if PROFILE and device.type == "cuda":
-            _profile(step, f"peer {variant} {name} {length}", device)
+            result.breakdown = _profile(step, f"peer {variant} {name} {length}", device)
 
     return _guarded(result, run)
 
@@ -450,15 +478,19 @@ def max_context(config, name, lengths_to_try, device, ours_variant, peer_variant
 
 # --- table ----------------------------------------------------------------------------------
 
-HEADER = ("| system | variant | preset | seq | docs | tokens/s | step ms | MFU | peak GiB | GDN ms (share) | vs peer |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| system | variant | preset | seq | docs | tokens/s | step ms | MFU | peak GiB | GDN ms (share) "
+          "| vs fastest peer |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def format_row(r: Result, peer_tps: float | None = None) -> str:
+def format_row(r: Result, peer: Result | None = None) -> str:
     if r.status != "ok":
         return f"| {r.system} | {r.variant} | {r.preset} | {r.seq_len} | {r.docs} | {r.status} | | | | | |"
     gdn = "" if r.gdn_ms is None else f"{r.gdn_ms:.0f} ({100 * r.gdn_ms / r.step_ms:.0f}%)"
-    ratio = f"{r.tokens_per_s / peer_tps:.2f}x" if peer_tps and r.system == "ours" else ""
+    ratio = ""
+    if peer is not None and r is not peer:
+        ratio = f"{r.tokens_per_s / peer.tokens_per_s:.2f}x {peer.variant}"
+    elif peer is not None:
+        ratio = "(fastest peer)"
     return (f"| {r.system} | {r.variant} | {r.preset} | {r.seq_len} | {r.docs} | {r.tokens_per_s:,.0f} | "
             f"{r.step_ms:.0f} | {100 * r.mfu:.1f}% | {r.peak_gib:.1f} | {gdn} | {ratio} |")
 
@@ -467,10 +499,34 @@ def print_row(r: Result, flush=True) -> None:
     print(format_row(r), flush=flush)
 
 
-def final_table(results: list[Result], peer_reference: str) -> str:
-    peers = {(r.preset, r.seq_len): r.tokens_per_s for r in results
-             if r.system == "peer" and r.variant == peer_reference and r.status == "ok" and not r.notes}
+def fastest_peers(results: list[Result]) -> dict[tuple[str, int], Result]:
+    """Per (preset, length): the peer variant with the most tokens/s in this run (max-context
+    trials, one untimed-warm-up step each, excluded)."""
+    fastest: dict[tuple[str, int], Result] = {}
+    for r in results:
+        if r.system != "peer" or r.status != "ok" or r.notes:
+            continue
+        best = fastest.get((r.preset, r.seq_len))
+        if best is None or r.tokens_per_s > best.tokens_per_s:
+            fastest[(r.preset, r.seq_len)] = r
+    return fastest
+
+
+def final_table(results: list[Result]) -> str:
+    peers = fastest_peers(results)
     lines = [HEADER] + [format_row(r, None if r.notes else peers.get((r.preset, r.seq_len))) for r in results]
+    for (preset, length), peer in peers.items():
+        lines.append(f"\nfastest peer, {preset} at {length} tokens: {peer.variant} "
+                     f"({peer.tokens_per_s:,.0f} tokens/s, {peer.peak_gib:.1f} GiB peak)")
+    for r in results:
+        if r.breakdown:  # GPU time per family over the timed step; the rest of the step: GPU idle
+            shares = {k: r.breakdown[k] for k in CATEGORIES}
+            shares["GPU idle"] = max(0.0, r.step_ms - sum(shares.values()))
+            parts = " | ".join(f"{v:.0f} ({100 * v / r.step_ms:.0f}%)" for v in shares.values())
+            if not any(line.startswith("| breakdown") for line in lines):
+                lines.append("\n| breakdown, ms (share of the timed step) | step ms | " + " | ".join(shares)
+                             + " |\n|---|---|" + "---|" * len(shares))
+            lines.append(f"| breakdown {r.system} {r.variant} {r.preset} {r.seq_len} | {r.step_ms:.0f} | {parts} |")
     return "\n".join(lines)
 
 
@@ -492,8 +548,12 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ours", nargs="*", default=["fp32m:none", "fp32m:selective", "fp32m:full", "bf16:none"])
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--peer-variants", nargs="+", default=["liger:none"])
-    p.add_argument("--peer-reference", default="liger:none", help="the peer variant the ratio divides by")
+    p.add_argument("--peer-variants", nargs="+", default=["fla:none", "liger:none"],
+                   help="ratios divide by the fastest of these, per preset and length")
+    p.add_argument("--delta-rule-kernel", choices=ops.DELTA_RULE_KERNELS, default="fla",
+                   help="ours and (through fla's dispatch) the peer's delta-rule kernel")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                   help="profile one more step of ours and split its time by kernel family")
     p.add_argument("--gdn", action=argparse.BooleanOptionalAction, default=True, help="time the GDN op alone")
     p.add_argument("--ce-bench", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--max-context", action="store_true", help="longest single-document row (0.8B)")
@@ -502,7 +562,7 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--max-context-ours", default="fp32m:offload", help='"none": the peer only')
     p.add_argument("--max-context-peer", default="liger:full")
     p.add_argument("--only-max-context", action="store_true")
-    p.add_argument("--profile", action="store_true", help="profile one step of every configuration")
+    p.add_argument("--profile", action="store_true", help="also profile the peer; list the top kernels")
     p.add_argument("--memory-profile", action="store_true",
                    help="ours: first run one step recording the allocator, print what is alive at its peak")
     p.add_argument("--dump-fla-configs", type=Path, help="write fla's autotuned configs here after each run")
@@ -513,22 +573,23 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, reference ops, no Liger")
     args = p.parse_args(argv)
 
-    global PROFILE, MEMORY_PROFILE
-    PROFILE, MEMORY_PROFILE = args.profile, args.memory_profile
+    global PROFILE, MEMORY_PROFILE, BREAKDOWN
+    PROFILE, MEMORY_PROFILE, BREAKDOWN = args.profile, args.memory_profile, args.breakdown
     if args.fla_configs is not None:  # read by fla at import, so before the fast ops load
         os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")
         os.environ["FLA_CONFIG_DIR"] = str(args.fla_configs.resolve())
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         ops.use_backend("reference")
-        args.peer_variants = [v.replace("liger", "fla") for v in args.peer_variants]
-        args.peer_reference = args.peer_reference.replace("liger", "fla")
+        args.peer_variants = list(dict.fromkeys(v.replace("liger", "fla") for v in args.peer_variants))
         args.max_context_peer = args.max_context_peer.replace("liger", "fla")
     else:
-        ops.use_backend("fast")
+        ops.use_backend("fast", delta_rule_kernel=args.delta_rule_kernel)
         from qwen35.envcheck import describe, probe
 
-        print("environment:", describe(probe()))
+        print("environment:", describe(probe(flash_qla=args.delta_rule_kernel == "flash_qla")))
+        print(f"delta rule: ours {ops.current_delta_rule_kernel()}, the peer's fla dispatch "
+              f"FLA_FLASH_QLA={os.environ.get('FLA_FLASH_QLA')}")
     print("command:", " ".join(sys.argv), flush=True)
     print(HEADER, flush=True)
     results: list[Result] = []
@@ -571,7 +632,7 @@ def main(argv=None) -> list[Result]:
         results += max_context(config, name, args.max_context_lens, device, args.max_context_ours,
                                args.max_context_peer, args.peer)
 
-    print("\n" + final_table(results, args.peer_reference), flush=True)
+    print("\n" + final_table(results), flush=True)
     for block in ce_rows:
         print(f"\ncross-entropy fwd+bwd, {block['preset']} ({block['tokens']} tokens):")
         for row in block["rows"]:

@@ -10,6 +10,13 @@ So this module refuses both, and says what to install.
 `FastPathUnavailable` (strict) or returns the reason, and the caller decides to use the torch
 reference (`qwen35.ops.use_backend("fast", strict=False)` does that, with a warning).
 liger-kernel is optional: without it the loss uses the chunked torch cross-entropy (slower).
+
+The fast path also needs torch >= 2.10 (`torch.nn.attention.varlen`, the packed flash attention;
+`mm` with `out_dtype`), so an older torch is refused here rather than crashing on import.
+
+`check_delta_rule_kernel("flash_qla")` checks the optional FlashQLA kernel the same way: an SM90+
+GPU (its TileLang kernels exist for Hopper and Blackwell only), and `tilelang` and `flash_qla`
+importable. It is probed only when asked for: importing TileLang takes seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from dataclasses import dataclass
 
 MIN_FLA = "0.6.0"
 MIN_TRITON_HOPPER = "3.7.1"
+MIN_TORCH = "2.10"
+DELTA_RULE_KERNELS = ("fla", "flash_qla")
 FIX_TRITON = (
     f"pip install 'triton>={MIN_TRITON_HOPPER}' (after torch, with --no-deps if your torch pins an "
     f"older triton; torch <= 2.12.0 does)"
@@ -41,6 +50,10 @@ class Environment:
     fla_version: str | None = None
     fla_error: str | None = None  # why `import fla` failed
     liger_version: str | None = None
+    varlen_error: str | None = None  # why `torch.nn.attention.varlen` failed to import
+    tilelang_error: str | None = None  # FlashQLA's requirements, probed only when asked for
+    flash_qla_version: str | None = None
+    flash_qla_error: str | None = None
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -67,11 +80,20 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
-def probe() -> Environment:
-    """What this process sees: the GPU, torch, triton, fla, liger."""
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # an ImportError, or a package failing on this GPU or triton
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def probe(flash_qla: bool = False) -> Environment:
+    """What this process sees: the GPU, torch, triton, fla, liger (and FlashQLA if asked)."""
     import torch
 
     env = Environment(cuda=torch.cuda.is_available(), torch_version=torch.__version__)
+    env.varlen_error = _import_error("torch.nn.attention.varlen")
     if env.cuda:
         env.device_name = torch.cuda.get_device_name(0)
         env.capability = tuple(torch.cuda.get_device_capability(0))
@@ -87,6 +109,10 @@ def probe() -> Environment:
     except Exception as e:  # an ImportError, or fla failing on an unusable triton
         env.fla_error = f"{type(e).__name__}: {e}"
     env.liger_version = _distribution_version("liger-kernel")
+    if flash_qla:
+        env.tilelang_error = _import_error("tilelang")
+        env.flash_qla_error = _import_error("flash_qla") if env.tilelang_error is None else "needs tilelang"
+        env.flash_qla_version = _distribution_version("flash-qla") if env.flash_qla_error is None else None
     return env
 
 
@@ -99,6 +125,12 @@ def fast_path_problems(env: Environment) -> list[str]:
             "and a CUDA build of torch. Use ops backend 'reference' on this machine."
         )
         return problems
+    if not version_at_least(env.torch_version, MIN_TORCH) or env.varlen_error is not None:
+        problems.append(
+            f"torch {env.torch_version} has no usable torch.nn.attention.varlen "
+            f"({env.varlen_error or 'added in torch ' + MIN_TORCH}), the packed flash attention; "
+            f"pip install 'torch>={MIN_TORCH}'"
+        )
     if env.triton_version is None:
         problems.append(f"triton is not installed; {FIX_TRITON}")
     if env.fla_version is None:
@@ -120,10 +152,29 @@ def fast_path_problems(env: Environment) -> list[str]:
     return problems
 
 
+def delta_rule_kernel_problems(env: Environment, kernel: str) -> list[str]:
+    """What stops `model.delta_rule_kernel: <kernel>` (on top of the fast path's needs)."""
+    if kernel not in DELTA_RULE_KERNELS:
+        raise ValueError(f"unknown delta-rule kernel {kernel!r}; choose one of {', '.join(DELTA_RULE_KERNELS)}")
+    if kernel == "fla":
+        return []
+    problems = []
+    if env.capability is None or env.capability[0] < 9:
+        gpu = f"{env.device_name} (sm{env.capability[0]}{env.capability[1]})" if env.capability else "no GPU"
+        problems.append(f"FlashQLA needs an SM90+ GPU (Hopper or Blackwell); this is {gpu}")
+    if env.tilelang_error is not None:
+        problems.append(f"tilelang is not importable ({env.tilelang_error}); pip install flash-qla "
+                        "(it brings tilelang>=0.1.12)")
+    elif env.flash_qla_error is not None:
+        problems.append(f"flash_qla is not importable ({env.flash_qla_error}); pip install flash-qla")
+    return problems
+
+
 def describe(env: Environment) -> str:
     gpu = f"{env.device_name} (sm{env.capability[0]}{env.capability[1]})" if env.capability else "no GPU"
     return (f"{gpu}, torch {env.torch_version}, triton {env.triton_version}, fla {env.fla_version}, "
-            f"liger-kernel {env.liger_version}")
+            f"liger-kernel {env.liger_version}"
+            + (f", flash-qla {env.flash_qla_version}" if env.flash_qla_version else ""))
 
 
 def check_fast_path(strict: bool = True, env: Environment | None = None) -> str | None:
@@ -133,6 +184,20 @@ def check_fast_path(strict: bool = True, env: Environment | None = None) -> str 
     if not problems:
         return None
     message = "the fast GPU path cannot run here: " + "; ".join(problems) + f" [{describe(env)}]"
+    if strict:
+        raise FastPathUnavailable(message)
+    return message
+
+
+def check_delta_rule_kernel(kernel: str, strict: bool = True, env: Environment | None = None) -> str | None:
+    """None if the delta-rule kernel `kernel` can run; else raise (strict) or return the reason."""
+    if kernel == "fla":
+        return None
+    env = probe(flash_qla=True) if env is None else env
+    problems = delta_rule_kernel_problems(env, kernel)
+    if not problems:
+        return None
+    message = f"the {kernel} delta-rule kernel cannot run here: " + "; ".join(problems) + f" [{describe(env)}]"
     if strict:
         raise FastPathUnavailable(message)
     return message

@@ -10,12 +10,21 @@ and is tested against it (tests/gpu).
     from qwen35 import ops
     ops.use_backend("fast")                 # raises, saying what to install, if it cannot run
     ops.use_backend("fast", strict=False)   # warns and stays on the reference instead
+    ops.use_backend("fast", delta_rule_kernel="flash_qla")   # one op's kernel: FlashQLA
+
+Per-op kernel choice: the gated delta rule runs fla's Triton kernels ("fla") or QwenLM's
+FlashQLA ("flash_qla", `qwen35.ops.fast_qla`). fla 0.6.0 itself hands its delta rule to FlashQLA
+whenever `flash_qla` imports, unless `FLA_FLASH_QLA=0`. The choice sets that variable too (0 for
+"fla", 1 for "flash_qla"), so every caller of fla's delta rule in this process (transformers'
+Qwen3.5 among them) runs the kernel chosen, and "fla" means fla's own Triton kernels.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
+from qwen35.envcheck import DELTA_RULE_KERNELS
 from qwen35.ops import attention as _attention
 from qwen35.ops import conv as _conv
 from qwen35.ops import cross_entropy as _cross_entropy
@@ -37,38 +46,64 @@ _REFERENCE = {
 }
 _active = dict(_REFERENCE)
 _backend = "reference"
+_delta_rule_kernel = "reference"
 
 
-def use_backend(name: str, strict: bool = True) -> str:
+def use_backend(name: str, strict: bool = True, delta_rule_kernel: str = "fla") -> str:
     """Routes the seam's ops to `name` ("reference" or "fast"); returns the backend now in use.
 
     "fast" first checks the environment (`qwen35.envcheck`): no CUDA, no flash-linear-attention,
     or a triton that miscompiles fla's backward on Hopper. With `strict` that raises
     `FastPathUnavailable` with what to install; without it, it warns and keeps the reference.
-    Never a silent fallback that could compute wrong gradients.
+    Never a silent fallback that could compute wrong gradients. `delta_rule_kernel` ("fla" or
+    "flash_qla") picks the fast delta rule; an unusable FlashQLA raises (strict) or warns and
+    keeps fla's kernel.
     """
-    global _backend
+    global _backend, _delta_rule_kernel
     if name not in BACKENDS:
         raise ValueError(f"unknown ops backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if delta_rule_kernel not in DELTA_RULE_KERNELS:
+        raise ValueError(f"unknown delta-rule kernel {delta_rule_kernel!r}; choose one of "
+                         f"{', '.join(DELTA_RULE_KERNELS)}")
     if name == "reference":
         _active.update(_REFERENCE)
-        _backend = "reference"
+        _backend = _delta_rule_kernel = "reference"
         return _backend
-    from qwen35.envcheck import check_fast_path
+    from qwen35.envcheck import FastPathUnavailable, check_delta_rule_kernel, check_fast_path
 
     problem = check_fast_path(strict=strict)
+    if problem is None:
+        try:
+            from qwen35.ops import fast
+        except ImportError as e:  # a package the check does not know of, or one broken otherwise
+            if strict:
+                raise FastPathUnavailable(f"the fast GPU ops failed to import: {e}") from e
+            problem = f"the fast GPU ops failed to import: {type(e).__name__}: {e}"
     if problem is not None:
         warnings.warn(f"fast ops unavailable, using the torch reference: {problem}", stacklevel=2)
         return use_backend("reference")
-    from qwen35.ops import fast
-
     _active.update(fast.OPS)
-    _backend = "fast"
+    _backend, _delta_rule_kernel = "fast", "fla"
+    if delta_rule_kernel == "flash_qla":
+        problem = check_delta_rule_kernel("flash_qla", strict=strict)
+        if problem is None:
+            from qwen35.ops import fast_qla
+
+            _active["gated_delta_rule"] = fast_qla.gated_delta_rule
+            _delta_rule_kernel = "flash_qla"
+        else:
+            warnings.warn(f"FlashQLA unavailable, using fla's delta rule: {problem}", stacklevel=2)
+    os.environ["FLA_FLASH_QLA"] = "1" if _delta_rule_kernel == "flash_qla" else "0"  # see the module docstring
     return _backend
 
 
 def current_backend() -> str:
     return _backend
+
+
+def current_delta_rule_kernel() -> str:
+    """"reference", "fla" or "flash_qla": what `gated_delta_rule` runs now."""
+    return _delta_rule_kernel
 
 
 def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False):
@@ -100,7 +135,8 @@ def routed_experts(x_ND, weights_NK, experts_NK, gate_up_EIH, down_EHI):
 
 
 __all__ = [
-    "BACKENDS", "use_backend", "current_backend", "gated_delta_rule", "causal_conv1d",
+    "BACKENDS", "DELTA_RULE_KERNELS", "use_backend", "current_backend", "current_delta_rule_kernel",
+    "gated_delta_rule", "causal_conv1d",
     "causal_attention", "gated_rms_norm", "linear_cross_entropy", "routed_experts", "cached_attention",
     "gated_delta_rule_in_slices",
 ]

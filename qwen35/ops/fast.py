@@ -197,35 +197,41 @@ def causal_attention(q, k, v, cu_seqlens=None, scale=None, causal=True):
 CE_CHUNK_TOKENS = 2048  # bf16 logits of one chunk: 2048 x 248,320 x 2 bytes = 1 GB
 
 
+def _loss_and_grads(hidden_ND, weight_VD, targets_N, chunk_tokens, want_h: bool, want_w: bool):
+    """Per-token losses, and the gradients of hidden and weight asked for (else None), chunk by
+    chunk: one chunk of logits is alive at a time, and it becomes its own gradient in place."""
+    dtype = compute_dtype(weight_VD)
+    with torch.autocast("cuda", enabled=False):
+        h, w = hidden_ND.to(dtype), weight_VD.to(dtype)
+        tokens, vocab = h.shape[0], w.shape[0]
+        targets = targets_N.contiguous()
+        loss_N = torch.zeros(tokens, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+        logits_buffer = torch.empty(min(chunk_tokens, tokens), vocab, dtype=dtype, device=h.device)
+        for start in range(0, tokens, chunk_tokens):
+            end = min(start + chunk_tokens, tokens)
+            logits = logits_buffer[: end - start]
+            torch.mm(h[start:end], w.t(), out=logits)
+            _liger_loss_and_grad(logits, targets[start:end], loss_N[start:end], want_h or want_w)
+            # `logits` now holds d loss / d logits (zero rows where the target is ignored)
+            if want_h:
+                torch.mm(logits, w, out=grad_h[start:end])
+            if want_w:
+                if dtype == torch.float32:
+                    grad_w.addmm_(logits.t(), h[start:end])
+                else:
+                    torch.addmm(grad_w, logits.t(), h[start:end], out_dtype=torch.float32, out=grad_w)
+    return loss_N, grad_h, grad_w
+
+
 class FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T`; the gradients are made in the forward pass."""
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, targets_N, chunk_tokens):
-        dtype = compute_dtype(weight_VD)
-        with torch.autocast("cuda", enabled=False):
-            h, w = hidden_ND.to(dtype), weight_VD.to(dtype)
-            tokens, vocab = h.shape[0], w.shape[0]
-            targets = targets_N.contiguous()
-            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            loss_N = torch.zeros(tokens, dtype=torch.float32, device=h.device)
-            grad_h = torch.empty_like(h) if want_h else None
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
-            logits_buffer = torch.empty(min(chunk_tokens, tokens), vocab, dtype=dtype, device=h.device)
-            for start in range(0, tokens, chunk_tokens):
-                end = min(start + chunk_tokens, tokens)
-                logits = logits_buffer[: end - start]
-                torch.mm(h[start:end], w.t(), out=logits)
-                _liger_loss_and_grad(logits, targets[start:end], loss_N[start:end], want_h or want_w)
-                # `logits` now holds d loss / d logits (zero rows where the target is ignored)
-                if want_h:
-                    torch.mm(logits, w, out=grad_h[start:end])
-                if want_w:
-                    if dtype == torch.float32:
-                        grad_w.addmm_(logits.t(), h[start:end])
-                    else:
-                        torch.addmm(grad_w, logits.t(), h[start:end], out_dtype=torch.float32, out=grad_w)
-            del logits_buffer
+        loss_N, grad_h, grad_w = _loss_and_grads(hidden_ND, weight_VD, targets_N, chunk_tokens,
+                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden_ND.dtype, weight_VD.dtype)
         return loss_N.sum()
@@ -260,6 +266,10 @@ def linear_cross_entropy(hidden_ND, weight_VD, targets_N, chunk_tokens: int = CE
     """Fused; see `qwen35.ops.cross_entropy.linear_cross_entropy` for the contract."""
     if liger_cross_entropy_kernel is None or not _on_gpu(hidden_ND, weight_VD):
         return _cross_entropy.linear_cross_entropy(hidden_ND, weight_VD, targets_N)
+    if not torch.is_grad_enabled():
+        # `needs_input_grad` follows requires_grad, not grad mode: under no_grad (evaluation) the
+        # Function would still build the float32 vocab x hidden weight gradient (~4 GB for a 9B).
+        return _loss_and_grads(hidden_ND, weight_VD, targets_N, chunk_tokens, False, False)[0].sum()
     return FusedLinearCrossEntropy.apply(hidden_ND, weight_VD, targets_N, chunk_tokens)
 
 

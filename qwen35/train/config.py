@@ -43,6 +43,10 @@ class ModelConfig:
         "auto", "Token-mixer kernels: fast (GPU: flash-linear-attention, varlen flash attention, "
         "fused cross-entropy; refuses to start if they cannot run correctly), reference (torch), "
         "auto (fast on a GPU where it can run, else the reference, with a warning)")
+    delta_rule_kernel: Literal["fla", "flash_qla"] = option(
+        "fla", "Gated-delta-rule kernel of the fast path: fla (flash-linear-attention's Triton "
+        "kernels) or flash_qla (QwenLM's FlashQLA, TileLang, SM90+; pip install flash-qla). "
+        "With kernels: auto an unusable FlashQLA falls back to fla with a warning")
     dtype: Literal["auto", "float32", "bfloat16"] = option(
         "auto", "Compute dtype (parameters and optimizer state stay float32); "
         "auto: bfloat16 on GPU, float32 on CPU")

@@ -52,9 +52,9 @@ class Runtime:
                                     device_id=device if device.type == "cuda" else None)
         wants_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device.type == "cuda")
         if cfg.model.kernels == "fast":
-            ops.use_backend("fast", strict=True)
+            ops.use_backend("fast", strict=True, delta_rule_kernel=cfg.model.delta_rule_kernel)
         elif cfg.model.kernels == "auto" and device.type == "cuda":
-            ops.use_backend("fast", strict=False)
+            ops.use_backend("fast", strict=False, delta_rule_kernel=cfg.model.delta_rule_kernel)
         return cls(device, rank, world_size, torch.bfloat16 if wants_bf16 else None)
 
     @property

@@ -51,10 +51,26 @@ def _gdn_inputs(batch, length, key_heads=2, value_heads=4, dim=128, seed=0):
     return q, k, v, beta, g
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_gated_delta_rule_matches_reference_with_states_and_grouped_values(fast_backend, packed):
+def _flash_qla_or_skip():
+    pytest.importorskip("tilelang", reason="FlashQLA needs tilelang (pip install flash-qla)")
+    pytest.importorskip("flash_qla", reason="FlashQLA is not installed (pip install flash-qla)")
+    if torch.cuda.get_device_capability(0)[0] < 9:
+        pytest.skip("FlashQLA needs an SM90+ GPU")
+    from qwen35.ops import fast_qla
+
+    return fast_qla.gated_delta_rule
+
+
+@pytest.fixture(params=["fla", "flash_qla"])
+def delta_rule_kernel(request, fast_backend):
+    """The fast delta rule of each kernel choice (FlashQLA skipped, naming it, where it is absent)."""
     from qwen35.ops import fast
 
+    return fast.gated_delta_rule if request.param == "fla" else _flash_qla_or_skip()
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_gated_delta_rule_matches_reference_with_states_and_grouped_values(delta_rule_kernel, packed):
     batch, length = (1, sum(DOCS)) if packed else (2, 150)
     cu = cu_seqlens(DOCS) if packed else None
     states = len(DOCS) if packed else batch
@@ -63,7 +79,7 @@ def test_gated_delta_rule_matches_reference_with_states_and_grouped_values(fast_
     (qf, kf, vf, bf), (qr, kr, vr, br) = leaves(q, k, v, beta)
     (gf, sf), (gr, sr) = leaves(g, state0, dtype=torch.float32)
 
-    of, state_f = fast.gated_delta_rule(qf, kf, vf, gf, bf, cu, sf, True)
+    of, state_f = delta_rule_kernel(qf, kf, vf, gf, bf, cu, sf, True)
     orf, state_r = delta_rule.gated_delta_rule(qr, kr, vr, gr, br, cu, sr, True)
     assert of.shape == orf.shape and state_f.shape == state_r.shape == state0.shape
     do, dstate = torch.randn_like(orf), torch.randn_like(state_r)
@@ -78,17 +94,16 @@ def test_gated_delta_rule_matches_reference_with_states_and_grouped_values(fast_
     assert_all_close({"dstate0": (gf_all[5], gr_all[5])}, tol=5e-2)
 
 
-def test_gated_delta_rule_in_slices_matches_the_whole_reference_row(fast_backend):
-    """The longest-context mode's slices: fla from carried states (and back through them, dh0)
-    against the reference on the whole row. Borders at 128 and 256 cut two documents."""
-    from qwen35.ops import fast
+def test_gated_delta_rule_in_slices_matches_the_whole_reference_row(delta_rule_kernel):
+    """The longest-context mode's slices: the kernel from carried states (and back through them,
+    dh0) against the reference on the whole row. Borders at 128 and 256 cut two documents."""
     from qwen35.ops.slicing import gated_delta_rule_in_slices
 
     cu = cu_seqlens(DOCS)
     q, k, v, beta, g = _gdn_inputs(1, sum(DOCS))
     (qf, kf, vf, bf), (qr, kr, vr, br) = leaves(q, k, v, beta)
     (gf,), (gr,) = leaves(g, dtype=torch.float32)
-    of = gated_delta_rule_in_slices(fast.gated_delta_rule, qf, kf, vf, gf, bf, cu, 128)
+    of = gated_delta_rule_in_slices(delta_rule_kernel, qf, kf, vf, gf, bf, cu, 128)
     orf, _ = delta_rule.gated_delta_rule(qr, kr, vr, gr, br, cu)
     do = torch.randn_like(orf)
     gf_all = grads((of,), (do,), (qf, kf, vf, gf, bf))
@@ -96,6 +111,34 @@ def test_gated_delta_rule_in_slices_matches_the_whole_reference_row(fast_backend
     assert_all_close({"o": (of, orf), **{n: (a, b) for n, a, b in zip(("dq", "dk", "dv", "dbeta"),
                                                                         gf_all[:3] + gf_all[4:], gr_all[:3] + gr_all[4:])}})
     assert_all_close({"dg": (gf_all[3], gr_all[3])}, tol=2e-2)
+
+
+def test_the_seam_runs_the_delta_rule_kernel_chosen_and_tells_fla_which():
+    """`delta_rule_kernel` routes `ops.gated_delta_rule` and sets fla's own dispatch to match:
+    with "fla", fla's Triton kernels run even though flash_qla imports (the two kernels round
+    differently, so equal outputs would mean fla had handed the call to FlashQLA)."""
+    import os
+
+    from qwen35 import ops
+    from qwen35.ops import fast
+
+    qla = _flash_qla_or_skip()
+    q, k, v, beta, g = _gdn_inputs(1, sum(DOCS))
+    q, k, v, beta = (t.bfloat16() for t in (q, k, v, beta))
+    try:
+        assert ops.use_backend("fast", delta_rule_kernel="flash_qla") == "fast"
+        assert ops.current_delta_rule_kernel() == "flash_qla" and os.environ["FLA_FLASH_QLA"] == "1"
+        o_seam, _ = ops.gated_delta_rule(q, k, v, g, beta, cu_seqlens(DOCS))
+        o_qla, _ = qla(q, k, v, g, beta, cu_seqlens(DOCS))
+        assert torch.equal(o_seam, o_qla)
+        ops.use_backend("fast", delta_rule_kernel="fla")
+        assert ops.current_delta_rule_kernel() == "fla" and os.environ["FLA_FLASH_QLA"] == "0"
+        o_fla, _ = ops.gated_delta_rule(q, k, v, g, beta, cu_seqlens(DOCS))
+        o_direct, _ = fast.gated_delta_rule(q, k, v, g, beta, cu_seqlens(DOCS))
+        assert torch.equal(o_fla, o_direct) and not torch.equal(o_fla, o_qla)
+        assert rel_err(o_fla, o_qla) <= TOL
+    finally:
+        ops.use_backend("reference")
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -178,6 +221,7 @@ def test_causal_attention_casts_float32_queries_under_autocast(fast_backend):
 
 @pytest.mark.parametrize("autocast", [True, False])
 def test_fused_linear_cross_entropy_matches_plain_cross_entropy(fast_backend, autocast):
+    pytest.importorskip("liger_kernel", reason="the fused loss needs liger-kernel (pip install liger-kernel)")
     from qwen35.ops import fast
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -200,6 +244,32 @@ def test_fused_linear_cross_entropy_matches_plain_cross_entropy(fast_backend, au
     assert hf.grad.dtype == wf.grad.dtype == torch.float32
     assert hf.grad[600:].abs().max().item() == 0.0
     assert_all_close({"loss": (loss_f, loss_r), "dhidden": (hf.grad, hr.grad), "dweight": (wf.grad, wr.grad)})
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_fused_linear_cross_entropy_makes_no_weight_gradient_when_gradients_are_off(fast_backend, mode):
+    """Evaluation: the loss alone. A float32 vocab x hidden gradient (here 64 MiB) must not be
+    allocated, and the loss is the one the training pass computes."""
+    pytest.importorskip("liger_kernel", reason="the fused loss needs liger-kernel (pip install liger-kernel)")
+    from qwen35.ops import fast
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    vocab, dim, tokens = 65536, 256, 512
+    hidden = torch.randn(tokens, dim, device="cuda", generator=gen).requires_grad_()
+    weight = (torch.randn(vocab, dim, device="cuda", generator=gen) * 0.05).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        trained = fast.linear_cross_entropy(hidden, weight, targets, chunk_tokens=256)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with (torch.no_grad() if mode == "no_grad" else torch.inference_mode()), torch.autocast("cuda", dtype=torch.bfloat16):
+        evaluated = fast.linear_cross_entropy(hidden, weight, targets, chunk_tokens=256)
+    extra = torch.cuda.max_memory_allocated() - before
+    logits_chunk = 256 * vocab * 2
+    assert extra < logits_chunk + vocab * dim * 4 // 2, f"{extra / 2**20:.1f} MiB allocated"
+    assert not evaluated.requires_grad
+    assert rel_err(evaluated, trained) <= 1e-6
 
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -109,6 +109,7 @@ def test_decoding_fast_equals_reference(fast_backend, dtype=torch.bfloat16, tol=
 def test_qlora_step_on_the_fast_path_matches_the_dequantized_model(fast_backend):
     """bitsandbytes NF4 base + adapters in bf16 on the GPU: the same loss and adapter gradients as
     the plain model holding the dequantized weights (the CPU test checks exact equality)."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install bitsandbytes)")
     from bitsandbytes.functional import dequantize_4bit
     from bitsandbytes.nn import Linear4bit
 
