@@ -110,6 +110,7 @@ def train(cfg: RunConfig) -> TrainResult:
     bar = progress(total_steps, "train", enabled=rt.is_main, initial=step, interval=cfg.log.progress_seconds)
     loss = float("nan")
     skipped = guards.NonFiniteSteps()
+    signum = 0  # the stop signal every rank agreed on
 
     def refuse_nonfinite_weights(what: str) -> None:
         if not guards.weights_are_finite(model, rt.device):
@@ -182,7 +183,7 @@ def train(cfg: RunConfig) -> TrainResult:
     metrics.close()
     export_dir = None
     if not signum:
-        if last_checkpoint is None or last_checkpoint.name != f"step_{step:08d}":
+        if last_checkpoint != out_dir / "checkpoints" / f"step_{step:08d}":  # not saved at this step yet
             save()
         if cfg.checkpoint.export_final:
             export_dir = out_dir / "final"

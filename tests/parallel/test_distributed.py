@@ -235,8 +235,9 @@ def test_sigterm_to_one_rank_stops_both_at_one_checkpoint_and_resumes_on_two_and
     assert 2 <= stopped_at < 1000 and not (tmp_path / "run" / "final").exists()
 
     end = stopped_at + 2
-    _ok(_launch(_flags(tmp_path, "run", end, *flags, "--train.resume", "true"), nproc=2))
+    # First 2 -> 1 (given the output directory: its latest checkpoint), then 2 -> 2 in place.
     _ok(_launch(_flags(tmp_path, "one", end, *flags, "--train.resume", str(tmp_path / "run")), nproc=1))
+    _ok(_launch(_flags(tmp_path, "run", end, *flags, "--train.resume", "true"), nproc=2))
     _ok(_launch(_flags(tmp_path, "uninterrupted", end, *flags), nproc=2))
     two_then_two, two_then_one = _losses(tmp_path / "run"), _losses(tmp_path / "one")
     uninterrupted = _losses(tmp_path / "uninterrupted")
