@@ -171,6 +171,9 @@ class ParallelConfig:
         True, "FSDP: free gathered weights after each forward (ZeRO-3); false keeps them (ZeRO-2)")
     cpu_offload: bool = option(
         False, "FSDP: keep parameters, gradients and optimizer state in CPU memory")
+    sp: int = option(
+        1, "Ulysses sequence parallelism: ranks that share each row, each holding 1/sp of its tokens "
+           "(divides the process count and every head count); data-parallel replicas = processes / sp")
 
 
 @dataclass

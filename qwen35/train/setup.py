@@ -22,12 +22,16 @@ from qwen35 import ops
 from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers, reset_lora_parameters, save_adapter
 from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
+from qwen35.parallel.sequence import apply_sequence_parallel, parallel_mesh
 from qwen35.train.config import RunConfig
 
 
 @dataclass
 class Runtime:
-    """Where this process runs: device, rank, and the compute precision.
+    """Where this process runs: device, rank, the process layout, and the compute precision.
+
+    Ranks form a dp x sp grid (`qwen35.parallel.sequence.parallel_mesh`): the `sp` consecutive
+    ranks of a data-parallel replica read the same rows; `dp_rank` picks the rows.
 
     Parameters, gradients and optimizer state stay float32 (the master weights); on a GPU the
     forward and backward run in bf16 under autocast (`model.dtype` auto or bfloat16), on a CPU in
@@ -38,6 +42,16 @@ class Runtime:
     rank: int
     world_size: int
     autocast_dtype: torch.dtype | None
+    sp_group: dist.ProcessGroup | None = None  # the ranks sharing this rank's rows, when sp > 1
+    sp: int = 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp
 
     @classmethod
     def start(cls, cfg: RunConfig) -> Runtime:
@@ -51,12 +65,17 @@ class Runtime:
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     device_id=device if device.type == "cuda" else None)
+        sp, sp_group = cfg.parallel.sp, None
+        if sp < 1 or world_size % sp:
+            raise ValueError(f"parallel.sp ({sp}) must be >= 1 and divide the number of processes ({world_size})")
+        if sp > 1:
+            sp_group = parallel_mesh(device.type, sp)["sp"].get_group()
         wants_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device.type == "cuda")
         if cfg.model.kernels == "fast":
             ops.use_backend("fast", strict=True)
         elif cfg.model.kernels == "auto" and device.type == "cuda":
             ops.use_backend("fast", strict=False)
-        return cls(device, rank, world_size, torch.bfloat16 if wants_bf16 else None)
+        return cls(device, rank, world_size, torch.bfloat16 if wants_bf16 else None, sp_group, sp)
 
     @property
     def is_main(self) -> bool:
@@ -86,15 +105,17 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
     if cfg.optim.cpu_offload and rt.world_size > 1:
         raise ValueError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
 
-    def parallelize(model):  # adapters, then torchtitan's order: checkpointing, compile, FSDP
+    def parallelize(model):  # adapters, then torchtitan's order: sequence parallel, checkpointing, compile, FSDP
         if cfg.lora.rank:
             apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
                                            list(cfg.lora.target_modules), list(cfg.lora.target_parameters)))
+        if rt.sp_group is not None:
+            apply_sequence_parallel(model, rt.sp_group)
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
         if cfg.train.compile:
             compile_layers(model)
-        if rt.world_size > 1:
+        if rt.world_size > 1:  # over every rank, sequence-parallel ones included (docs/parallel.md)
             apply_fsdp(model, data_parallel_mesh(rt.device.type), cfg.parallel.reshard_after_forward,
                        cfg.parallel.cpu_offload)
 
@@ -148,7 +169,7 @@ def export_model(model, tokenizer, directory: Path, rt: Runtime) -> None:
 
 @dataclass
 class RunData:
-    loader: PackedLoader  # this rank's micro-batches, resumable
+    loader: PackedLoader  # this rank's micro-batches (its data-parallel replica's), resumable
     train_rows: int
     val_batches: list[dict]  # this rank's share of the validation rows
 
@@ -157,10 +178,10 @@ def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime) -> RunData:
     datasets = build_datasets(cfg.data, tokenizer, progress=rt.is_main)
     rt.print(datasets.stats.summary())
     loader = PackedLoader(datasets.train, cfg.train.micro_batch_size, seed=cfg.data.seed,
-                          rank=rt.rank, world_size=rt.world_size)
+                          rank=rt.dp_rank, world_size=rt.dp_size)
     val_batches = []
     if datasets.val is not None:
-        val = PackedLoader(datasets.val, cfg.train.micro_batch_size, rank=rt.rank, world_size=rt.world_size,
+        val = PackedLoader(datasets.val, cfg.train.micro_batch_size, rank=rt.dp_rank, world_size=rt.dp_size,
                            shuffle=False)
         val_batches = list(itertools.islice(val, val.batches_per_epoch))
     return RunData(loader, len(datasets.train), val_batches)

@@ -1,8 +1,9 @@
 """The training loop, written out: load, prepare data, step, log, evaluate, save, export.
 
-One process or many (torchrun): `parallel.fsdp` shards the model over data-parallel ranks, each
-rank reads its share of the packed rows, and the loss is normalised by the loss tokens of the
-whole step over all ranks (one all-reduce of the count per step).
+One process or many (torchrun): FSDP shards the model over all ranks, each data-parallel replica
+(`parallel.sp` ranks sharing rows, `qwen35.parallel.sequence`) reads its share of the packed
+rows, and the loss is normalised by the loss tokens of the whole step over all ranks (one
+all-reduce of the count per step).
 """
 
 from __future__ import annotations
@@ -89,12 +90,13 @@ def train(cfg: RunConfig) -> TrainResult:
 
     model, tokenizer = load_model_and_tokenizer(cfg, rt)
     data = prepare_data(cfg, tokenizer, rt)
-    rows_per_rank_step = cfg.train.global_batch_size // rt.world_size
+    rows_per_rank_step = cfg.train.global_batch_size // rt.dp_size
     accumulation = rows_per_rank_step // cfg.train.micro_batch_size
-    if accumulation * cfg.train.micro_batch_size * rt.world_size != cfg.train.global_batch_size:
+    if accumulation * cfg.train.micro_batch_size * rt.dp_size != cfg.train.global_batch_size:
         raise ValueError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel ranks ({rt.world_size})"
+            f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel ranks "
+            f"({rt.dp_size} = processes / parallel.sp)"
         )
     steps_per_epoch = max(1, data.train_rows // cfg.train.global_batch_size)
     total_steps = cfg.train.max_steps or cfg.train.num_epochs * steps_per_epoch
@@ -126,7 +128,7 @@ def train(cfg: RunConfig) -> TrainResult:
             start = time.perf_counter()
             micro = [_to_device(next(batches), rt.device) for _ in range(accumulation)]
             result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.train.router_z_loss_coef,
-                                      rt.world_size)
+                                      rt.world_size, rt.sp)
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
@@ -135,7 +137,7 @@ def train(cfg: RunConfig) -> TrainResult:
             step += 1
             loss = float(result.loss)
             elapsed = time.perf_counter() - start
-            tokens = sum(b["input_ids"].numel() for b in micro) * rt.world_size
+            tokens = sum(b["input_ids"].numel() for b in micro) * rt.dp_size
             tokens_per_s = tokens / elapsed
             scalars = dict(loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                            tokens_per_s=tokens_per_s, memory_gb=rt.peak_memory_gb())
