@@ -153,14 +153,17 @@ def _forward(model, group, input_ids, position_ids=None, cu_seqlens=None, labels
     return model.loss(hidden, targets, router_logits)
 
 
+def check_heads_divide(config, sp: int) -> None:
+    for key in ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads"):
+        if getattr(config, key) % sp:
+            raise ValueError(f"parallel.sp = {sp} must divide the model's {key} ({getattr(config, key)}): "
+                             "each rank mixes whole heads")
+
+
 def apply_sequence_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
     """Makes a `Qwen35ForCausalLM` sequence-parallel over the ranks of `group` (in place; before
     activation checkpointing, compile and FSDP). Raises if a head count does not divide."""
-    size, config = dist.get_world_size(group), model.config
-    for key in ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads"):
-        if getattr(config, key) % size:
-            raise ValueError(f"parallel.sp = {size} must divide the model's {key} ({getattr(config, key)}): "
-                             "each rank mixes whole heads")
+    check_heads_divide(model.config, dist.get_world_size(group))
     for layer in model.model.layers:
         if layer.layer_type == "linear_attention":
             layer.linear_attn.mix = functools.partial(_mix, layer.linear_attn, group)

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from qwen35 import Qwen35Config
+from qwen35.parallel.sequence import check_heads_divide
+from qwen35.train.config import ParallelConfig, RunConfig, TrainConfig
+from qwen35.train.setup import Runtime
 from reference import tiny_model_dir
 
 HERE = Path(__file__).parent
@@ -45,3 +49,15 @@ def test_sp2_matches_one_process(tmp_path, moe):
 
 def test_sp2_by_dp2_matches_one_process(tmp_path):
     _assert_matches_one_process(_run_worker(tmp_path, nproc=4, sp=2))
+
+
+def test_head_counts_that_do_not_divide_are_refused():
+    config = Qwen35Config(num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=4)
+    check_heads_divide(config, 2)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        check_heads_divide(config, 4)
+
+
+def test_sp_that_does_not_divide_the_processes_is_refused():
+    with pytest.raises(ValueError, match=r"parallel.sp \(2\).*processes \(1\)"):
+        Runtime.start(RunConfig(parallel=ParallelConfig(sp=2), train=TrainConfig(max_steps=1)))
