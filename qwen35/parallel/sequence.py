@@ -38,12 +38,11 @@ from qwen35.model.model import CausalLMOutput, next_token_targets
 from qwen35.ops.segments import positions_in_documents
 
 
-def parallel_mesh(device_type: str, sp: int) -> DeviceMesh:
-    """world = dp x sp; the sp ranks of a data-parallel replica are consecutive ranks."""
+def parallel_mesh(device_type: str, ranks_per_row: int) -> DeviceMesh:
+    """world = dp x seq, seq the ranks that share a row (sp or cp); they are consecutive ranks."""
     world = dist.get_world_size()
-    if sp < 1 or world % sp:
-        raise ValueError(f"parallel.sp ({sp}) must divide the number of processes ({world})")
-    return init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    assert world % ranks_per_row == 0, (world, ranks_per_row)
+    return init_device_mesh(device_type, (world // ranks_per_row, ranks_per_row), mesh_dim_names=("dp", "seq"))
 
 
 def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -86,6 +85,11 @@ class _GatherAlongDim0(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
 
 
+def gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0 in rank order, differentiably."""
+    return _GatherAlongDim0.apply(x, group)
+
+
 def to_heads(x_BTHD: torch.Tensor, group) -> torch.Tensor:
     """`[B, T/sp, H, ...]` -> `[B, T, H/sp, ...]`: the whole row, this rank's heads."""
     return _AllToAll.apply(x_BTHD, group, 2, 1)
@@ -96,7 +100,7 @@ def to_sequence(x_BTHD: torch.Tensor, group) -> torch.Tensor:
     return _AllToAll.apply(x_BTHD, group, 1, 2)
 
 
-def _attend(attention, group, q, k, v, cu_seqlens=None):
+def attend_over_heads(attention, group, q, k, v, cu_seqlens=None):
     size, heads, kv_heads = dist.get_world_size(group), q.shape[2], k.shape[2]
     # one all-to-all: per rank its query heads then its kv heads, [B, T/sp, sp, heads/sp, D]
     grouped = [x.unflatten(2, (size, x.shape[2] // size)) for x in (q, k, v)]
@@ -127,16 +131,16 @@ def _mix(layer, group, qkv_BTC, beta, g, conv_weight_CK, cu_seqlens=None, cache=
     return to_sequence(o, group)
 
 
-def _forward(model, group, input_ids, position_ids=None, cu_seqlens=None, labels=None, cache=None):
+def forward_on_slice(model, group, input_ids, position_ids=None, cu_seqlens=None, labels=None, cache=None):
     """`Qwen35ForCausalLM.forward` over the whole row on every rank of the group, each rank
     computing its slice: the loss sums and counts are this rank's tokens'; logits (no labels) are
     gathered whole."""
     if cache is not None:
-        raise ValueError("generation (an inference cache) does not run under sequence parallelism")
+        raise ValueError("generation (an inference cache) does not run with parallel.sp or parallel.cp")
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     batch, length = input_ids.shape
     if length % size:
-        raise ValueError(f"a row of {length} tokens does not split over parallel.sp = {size} ranks: "
+        raise ValueError(f"a row of {length} tokens does not split over the {size} ranks of parallel.sp/cp: "
                          f"make data.seq_len a multiple of {size}")
     if position_ids is None:
         position_ids = (positions_in_documents(cu_seqlens, length)[None] if cu_seqlens is not None
@@ -145,18 +149,22 @@ def _forward(model, group, input_ids, position_ids=None, cu_seqlens=None, labels
     router_logits = [] if model.config.num_experts and labels is not None else None
     hidden = model.model(input_ids[:, part], position_ids[..., part], cu_seqlens, router_logits=router_logits)
     if labels is None:
-        hidden = _GatherAlongDim0.apply(hidden.transpose(0, 1), group).transpose(0, 1)
+        hidden = gather_rows(hidden.transpose(0, 1), group).transpose(0, 1)
         return CausalLMOutput(logits=model.lm_head(hidden))
     targets = next_token_targets(labels, cu_seqlens)[:, part]
     # the router's balance is over the whole row's tokens (as one process computes it)
-    router_logits = [_GatherAlongDim0.apply(logits, group) for logits in router_logits or []]
+    router_logits = [gather_rows(logits, group) for logits in router_logits or []]
     return model.loss(hidden, targets, router_logits)
 
 
-def check_heads_divide(config, sp: int) -> None:
-    for key in ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads"):
-        if getattr(config, key) % sp:
-            raise ValueError(f"parallel.sp = {sp} must divide the model's {key} ({getattr(config, key)}): "
+ATTENTION_HEADS = ("num_attention_heads", "num_key_value_heads")
+GDN_HEADS = ("linear_num_key_heads", "linear_num_value_heads")
+
+
+def check_heads_divide(config, ranks: int, keys=ATTENTION_HEADS + GDN_HEADS, option: str = "parallel.sp") -> None:
+    for key in keys:
+        if getattr(config, key) % ranks:
+            raise ValueError(f"{option} = {ranks} must divide the model's {key} ({getattr(config, key)}): "
                              "each rank mixes whole heads")
 
 
@@ -164,10 +172,16 @@ def apply_sequence_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
     """Makes a `Qwen35ForCausalLM` sequence-parallel over the ranks of `group` (in place; before
     activation checkpointing, compile and FSDP). Raises if a head count does not divide."""
     check_heads_divide(model.config, dist.get_world_size(group))
+    return shard_rows(model, group, _mix)
+
+
+def shard_rows(model: torch.nn.Module, group, gdn_mix) -> torch.nn.Module:
+    """Each rank of `group` runs its slice of every row: attention layers over the all-to-all,
+    GDN layers through `gdn_mix(layer, group, *mix arguments)`, the loss over its tokens."""
     for layer in model.model.layers:
         if layer.layer_type == "linear_attention":
-            layer.linear_attn.mix = functools.partial(_mix, layer.linear_attn, group)
+            layer.linear_attn.mix = functools.partial(gdn_mix, layer.linear_attn, group)
         else:
-            layer.self_attn.attend = functools.partial(_attend, layer.self_attn, group)
-    model.forward = functools.partial(_forward, model, group)
+            layer.self_attn.attend = functools.partial(attend_over_heads, layer.self_attn, group)
+    model.forward = functools.partial(forward_on_slice, model, group)
     return model

@@ -21,6 +21,7 @@ from qwen35.model import Qwen35ForCausalLM, preset
 from qwen35 import ops
 from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers, reset_lora_parameters, save_adapter
 from qwen35.parallel.compile import apply_activation_checkpointing, compile_layers
+from qwen35.parallel.context import apply_context_parallel
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
 from qwen35.parallel.sequence import apply_sequence_parallel, parallel_mesh
 from qwen35.train.config import RunConfig
@@ -30,8 +31,9 @@ from qwen35.train.config import RunConfig
 class Runtime:
     """Where this process runs: device, rank, the process layout, and the compute precision.
 
-    Ranks form a dp x sp grid (`qwen35.parallel.sequence.parallel_mesh`): the `sp` consecutive
-    ranks of a data-parallel replica read the same rows; `dp_rank` picks the rows.
+    Ranks form a dp x seq grid (`qwen35.parallel.sequence.parallel_mesh`): the `ranks_per_row`
+    consecutive ranks of a data-parallel replica (parallel.sp or parallel.cp) read the same rows,
+    each keeping a slice of them; `dp_rank` picks the rows.
 
     Parameters, gradients and optimizer state stay float32 (the master weights); on a GPU the
     forward and backward run in bf16 under autocast (`model.dtype` auto or bfloat16), on a CPU in
@@ -42,16 +44,16 @@ class Runtime:
     rank: int
     world_size: int
     autocast_dtype: torch.dtype | None
-    sp_group: dist.ProcessGroup | None = None  # the ranks sharing this rank's rows, when sp > 1
-    sp: int = 1
+    row_group: dist.ProcessGroup | None = None  # the ranks sharing this rank's rows, if several
+    ranks_per_row: int = 1
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.sp
+        return self.rank // self.ranks_per_row
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.sp
+        return self.world_size // self.ranks_per_row
 
     @classmethod
     def start(cls, cfg: RunConfig) -> Runtime:
@@ -65,17 +67,20 @@ class Runtime:
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     device_id=device if device.type == "cuda" else None)
-        sp, sp_group = cfg.parallel.sp, None
-        if sp < 1 or world_size % sp:
-            raise ValueError(f"parallel.sp ({sp}) must be >= 1 and divide the number of processes ({world_size})")
-        if sp > 1:
-            sp_group = parallel_mesh(device.type, sp)["sp"].get_group()
+        sp, cp, row_group = cfg.parallel.sp, cfg.parallel.cp, None
+        if sp > 1 and cp > 1:
+            raise ValueError("parallel.sp and parallel.cp cannot both be > 1 (not built yet)")
+        for key, n in (("parallel.sp", sp), ("parallel.cp", cp)):
+            if n < 1 or world_size % n:
+                raise ValueError(f"{key} ({n}) must be >= 1 and divide the number of processes ({world_size})")
+        if sp * cp > 1:
+            row_group = parallel_mesh(device.type, sp * cp)["seq"].get_group()
         wants_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device.type == "cuda")
         if cfg.model.kernels == "fast":
             ops.use_backend("fast", strict=True)
         elif cfg.model.kernels == "auto" and device.type == "cuda":
             ops.use_backend("fast", strict=False)
-        return cls(device, rank, world_size, torch.bfloat16 if wants_bf16 else None, sp_group, sp)
+        return cls(device, rank, world_size, torch.bfloat16 if wants_bf16 else None, row_group, sp * cp)
 
     @property
     def is_main(self) -> bool:
@@ -105,12 +110,13 @@ def load_model_and_tokenizer(cfg: RunConfig, rt: Runtime):
     if cfg.optim.cpu_offload and rt.world_size > 1:
         raise ValueError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
 
-    def parallelize(model):  # adapters, then torchtitan's order: sequence parallel, checkpointing, compile, FSDP
+    def parallelize(model):  # adapters, then torchtitan's order: sp or cp, checkpointing, compile, FSDP
         if cfg.lora.rank:
             apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
                                            list(cfg.lora.target_modules), list(cfg.lora.target_parameters)))
-        if rt.sp_group is not None:
-            apply_sequence_parallel(model, rt.sp_group)
+        if rt.row_group is not None:
+            apply = apply_context_parallel if cfg.parallel.cp > 1 else apply_sequence_parallel
+            apply(model, rt.row_group)
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
         if cfg.train.compile:

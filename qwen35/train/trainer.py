@@ -1,7 +1,7 @@
 """The training loop, written out: load, prepare data, step, log, evaluate, save, export.
 
 One process or many (torchrun): FSDP shards the model over all ranks, each data-parallel replica
-(`parallel.sp` ranks sharing rows, `qwen35.parallel.sequence`) reads its share of the packed
+(`parallel.sp` or `parallel.cp` ranks sharing rows, `qwen35.parallel`) reads its share of the packed
 rows, and the loss is normalised by the loss tokens of the whole step over all ranks (one
 all-reduce of the count per step).
 """
@@ -96,7 +96,7 @@ def train(cfg: RunConfig) -> TrainResult:
         raise ValueError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel ranks "
-            f"({rt.dp_size} = processes / parallel.sp)"
+            f"({rt.dp_size} = processes / parallel.sp or parallel.cp)"
         )
     steps_per_epoch = max(1, data.train_rows // cfg.train.global_batch_size)
     total_steps = cfg.train.max_steps or cfg.train.num_epochs * steps_per_epoch
@@ -128,7 +128,7 @@ def train(cfg: RunConfig) -> TrainResult:
             start = time.perf_counter()
             micro = [_to_device(next(batches), rt.device) for _ in range(accumulation)]
             result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.train.router_z_loss_coef,
-                                      rt.world_size, rt.sp)
+                                      rt.world_size, rt.ranks_per_row)
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()

@@ -1,9 +1,10 @@
 """Run under torchrun by test_sequence.py: two optimizer steps of a model directory with
-sequence parallelism (`sp` from argv) x data parallelism (the rest of the ranks) and FSDP over
-all ranks, next to the same steps in this process alone. Rank 0 writes both runs' per-step
-losses and every parameter's gradient error after the first step to a JSON file.
+sequence or context parallelism (KIND sp or cp, of DEGREE ranks) x data parallelism (the rest of
+the ranks) and FSDP over all ranks, next to the same steps in this process alone. Rank 0 writes
+both runs' per-step losses and every parameter's gradient error after the first step to a JSON
+file.
 
-usage: sequence_worker.py MODEL_DIR SP OUT.json
+usage: sequence_worker.py MODEL_DIR KIND DEGREE OUT.json
 """
 
 import copy
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from qwen35 import Qwen35ForCausalLM
+from qwen35.parallel.context import apply_context_parallel
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
 from qwen35.parallel.sequence import apply_sequence_parallel, parallel_mesh
 from qwen35.train.step import forward_backward
@@ -21,11 +23,13 @@ from qwen35.train.step import forward_backward
 ROW = 48  # tokens per packed row
 
 
-def packed_row(gen, vocab: int) -> dict:
-    """Four documents of random lengths filling ROW tokens, none starting at a multiple of ROW/4,
-    so documents straddle the ranks' slices (sp = 2 or 4); a random ~30% of labels masked."""
-    allowed = torch.tensor([c for c in range(1, ROW) if c % (ROW // 4)])
-    cuts = sorted(allowed[torch.randperm(len(allowed), generator=gen)[:3]].tolist())
+def packed_row(gen, vocab: int, cuts=None) -> dict:
+    """Four documents filling ROW tokens, by default of random lengths, none starting at a
+    multiple of ROW/4, so documents straddle the ranks' slices (2 or 4 of them); a random ~30% of
+    labels masked."""
+    if cuts is None:
+        allowed = torch.tensor([c for c in range(1, ROW) if c % (ROW // 4)])
+        cuts = sorted(allowed[torch.randperm(len(allowed), generator=gen)[:3]].tolist())
     cu = torch.tensor([0, *cuts, ROW], dtype=torch.int32)
     ids = torch.randint(2, vocab, (1, ROW), generator=gen)
     labels = ids.masked_fill(torch.rand(1, ROW, generator=gen) < 0.3, -100)
@@ -39,20 +43,22 @@ def global_sum(n: torch.Tensor) -> torch.Tensor:
     return n
 
 
-def main(model_dir: str, sp: int, out_path: str) -> None:
+def main(model_dir: str, kind: str, sp: int, out_path: str) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     world, rank = dist.get_world_size(), dist.get_rank()
     dp, dp_rank = world // sp, rank // sp
     reference = Qwen35ForCausalLM.from_pretrained(model_dir).train()
     model = copy.deepcopy(reference)
-    apply_sequence_parallel(model, parallel_mesh("cpu", sp)["sp"].get_group())
+    apply = {"sp": apply_sequence_parallel, "cp": apply_context_parallel}[kind]
+    apply(model, parallel_mesh("cpu", sp)["seq"].get_group())
     apply_fsdp(model, data_parallel_mesh("cpu"))
 
     gen = torch.Generator().manual_seed(1)
     vocab = reference.config.vocab_size
-    # per step: two micro-batches for each data-parallel replica (uneven loss-token counts)
-    steps = [[[packed_row(gen, vocab) for _ in range(2)] for _ in range(dp)] for _ in range(2)]
+    # per step: two micro-batches for each data-parallel replica (uneven loss-token counts); the
+    # first has a document over the second and third quarters (cp = 4: a slice inside one document)
+    steps = [[[packed_row(gen, vocab, [5, 40, 44]), packed_row(gen, vocab)] for _ in range(dp)] for _ in range(2)]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (reference, model)]
     losses, grad_errors = {"one": [], "parallel": []}, {}
     for step, rows in enumerate(steps):
@@ -75,4 +81,4 @@ def main(model_dir: str, sp: int, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -125,11 +125,12 @@ def test_lora_with_fsdp_and_activation_checkpointing_matches_one_process(tmp_pat
     assert one[8] < one[1]
 
 
-def test_sequence_parallel_training_matches_one_process(tmp_path):
+def test_sequence_and_context_parallel_training_match_one_process(tmp_path):
     _ok(_launch(_flags(tmp_path, "one", 6), nproc=1))
-    _ok(_launch(_flags(tmp_path, "sp", 6, "--parallel.sp", "2"), nproc=2))
-    one, sp = _losses(tmp_path / "one"), _losses(tmp_path / "sp")
-    assert sorted(one) == sorted(sp) == list(range(1, 7))
-    assert max(abs(one[s] - sp[s]) for s in one) <= 1e-5
-    norms_one, norms_sp = _losses(tmp_path / "one", "grad_norm"), _losses(tmp_path / "sp", "grad_norm")
-    assert max(abs(norms_one[s] - norms_sp[s]) / norms_one[s] for s in one) <= 1e-5
+    one, norms_one = _losses(tmp_path / "one"), _losses(tmp_path / "one", "grad_norm")
+    for kind in ("sp", "cp"):
+        _ok(_launch(_flags(tmp_path, kind, 6, f"--parallel.{kind}", "2"), nproc=2))
+        two, norms_two = _losses(tmp_path / kind), _losses(tmp_path / kind, "grad_norm")
+        assert sorted(one) == sorted(two) == list(range(1, 7))
+        assert max(abs(one[s] - two[s]) for s in one) <= 1e-5, kind
+        assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-5, kind

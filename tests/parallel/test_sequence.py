@@ -1,4 +1,5 @@
-"""Ulysses sequence parallelism on CPU with gloo: losses and every gradient equal one process's.
+"""Sequence (Ulysses) and context parallelism on CPU with gloo: losses and every gradient equal
+one process's.
 
 Each test launches `sequence_worker.py` under torchrun; the worker runs the same two optimizer
 steps alone and in parallel (FSDP over all ranks) on packed rows whose documents straddle the
@@ -21,11 +22,11 @@ from reference import tiny_model_dir
 HERE = Path(__file__).parent
 
 
-def _run_worker(tmp_path, nproc: int, sp: int, moe: bool = False) -> dict:
-    model_dir = tiny_model_dir(tmp_path / "model", moe=moe)
+def _run_worker(tmp_path, nproc: int, kind: str, degree: int, moe: bool = False, **config) -> dict:
+    model_dir = tiny_model_dir(tmp_path / "model", moe=moe, **config)
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(HERE / "sequence_worker.py"), str(model_dir), str(sp), str(out)]
+           str(HERE / "sequence_worker.py"), str(model_dir), kind, str(degree), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -42,13 +43,21 @@ def _assert_matches_one_process(result: dict) -> None:
     assert errors[worst] <= 1e-5, (worst, errors[worst])
 
 
+@pytest.mark.parametrize("kind", ["sp", "cp"])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_sp2_matches_one_process(tmp_path, moe):
-    _assert_matches_one_process(_run_worker(tmp_path, nproc=2, sp=2, moe=moe))
+def test_two_ranks_per_row_match_one_process(tmp_path, kind, moe):
+    _assert_matches_one_process(_run_worker(tmp_path, 2, kind, 2, moe=moe))
 
 
 def test_sp2_by_dp2_matches_one_process(tmp_path):
-    _assert_matches_one_process(_run_worker(tmp_path, nproc=4, sp=2))
+    _assert_matches_one_process(_run_worker(tmp_path, 4, "sp", 2))
+
+
+def test_cp4_matches_one_process_with_a_document_over_whole_slices(tmp_path):
+    # slices of 12 tokens; one document covers two whole slices, so the transition matrices of
+    # the state passing count (with cp = 2 no slice both receives and passes on a state); the
+    # attention layers' all-to-all needs as many kv heads as ranks
+    _assert_matches_one_process(_run_worker(tmp_path, 4, "cp", 4, num_key_value_heads=4))
 
 
 def test_head_counts_that_do_not_divide_are_refused():
