@@ -86,15 +86,17 @@ def _mix(layer, group, qkv_BTC, beta, g, conv_weight_CK, cu_seqlens=None, cache=
             identity = torch.eye(layer.head_k_dim, device=q.device).expand_as(transition)[None]
             zero_v = piece[2].new_zeros(*piece[2].shape[:-1], layer.head_k_dim)
             transition = anchor + ops.gated_delta_rule(piece[0], piece[1], zero_v, *piece[3:], None, identity, True)[1][0]
-    states = gather_rows(state[None], group)
-    transitions = gather_rows(transition[None], group)
+    # one exchange for both, so the backward has one collective here, not two in some order
+    exchanged = gather_rows(torch.cat([state.flatten(), transition.flatten()])[None], group)
+    states = exchanged[:, :state.numel()].view(size, *state.shape)
+    transitions = exchanged[:, state.numel():].view(size, *transition.shape)
 
     initial = None
     if start not in bounds:  # the first document began on an earlier rank
         entering = _state_entering(rank, size, bounds, slice_len, transitions, states)
         initial = torch.cat([entering[None], entering.new_zeros(len(local) - 2, *entering.shape)])
     o, _ = ops.gated_delta_rule(q, k, v, g, beta, to_cu(local), initial)
-    return o + 0 * (states.sum() + transitions.sum()).to(o.dtype)
+    return o + 0 * exchanged.sum().to(o.dtype)
 
 
 def apply_context_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
