@@ -1,6 +1,6 @@
 """Where a model is built for training: `build_model`, one fixed order, top to bottom.
 
-    config -> model on the meta device -> quantization and adapters -> expert parallelism
+    config -> model on the meta device -> quantization and adapters -> expert or sequence parallelism
     -> activation checkpointing -> compile -> FSDP2 -> memory on the device (`to_empty`)
     -> weights from the checkpoint -> whatever the checkpoint does not hold (fresh adapters, or
     a whole random preset)
@@ -31,8 +31,10 @@ from qwen35.model import Qwen35Config, Qwen35ForCausalLM, preset
 from qwen35.model.config import SIZED_FOR_TOKENIZER
 from qwen35.parallel.checkpointing import apply_activation_checkpointing
 from qwen35.parallel.compile import compile_layers
+from qwen35.parallel.context import apply_context_parallel
 from qwen35.parallel.expert import apply_expert_parallel, expert_parallel_mesh
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
+from qwen35.parallel.sequence import apply_sequence_parallel
 from qwen35.train.config import RunConfig
 from qwen35.train.setup import Runtime
 
@@ -120,11 +122,14 @@ def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
         apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
                                        list(cfg.lora.target_modules), list(cfg.lora.target_parameters)))
 
-    # 4. expert parallelism, 5. activation checkpointing, 6. compile, 7. FSDP2
+    # 4. expert or sequence parallelism, 5. activation checkpointing, 6. compile, 7. FSDP2
     expert_mesh = None
     if cfg.parallel.ep > 1:
         expert_mesh = expert_parallel_mesh(rt.device.type, cfg.parallel.ep)
         apply_expert_parallel(model, expert_mesh)
+    if rt.row_group is not None:  # ranks that share each row: Ulysses (sp) or GDN context parallelism (cp)
+        apply = apply_context_parallel if cfg.parallel.cp > 1 else apply_sequence_parallel
+        apply(model, rt.row_group)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
     if cfg.train.compile:

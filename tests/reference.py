@@ -100,12 +100,12 @@ def ours_from_hf(hf_model, tmp_path, dtype=None) -> Qwen35ForCausalLM:
 def tiny_model_dir(directory, name: str = "tied_interval2_gva2", seed: int = 0, moe: bool = False, **overrides):
     """A complete model directory, as downloaded from a hub but tiny: transformers-saved weights,
     config.json and the project's small tokenizer with its chat template. `overrides` go to
-    the MoE config."""
+    the model config."""
     from qwen35.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(directory)
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = hf_moe_model(seed, **ids, **overrides) if moe else hf_text_model(name, seed, **ids)
+    model = hf_moe_model(seed, **ids, **overrides) if moe else hf_text_model(name, seed, **ids, **overrides)
     model.save_pretrained(directory)
     return directory
 

@@ -43,7 +43,6 @@ class GatedDeltaNet(nn.Module):
         self.head_v_dim = config.linear_value_head_dim
         key_dim = self.num_k_heads * self.head_k_dim
         value_dim = self.num_v_heads * self.head_v_dim
-        self.split_sizes = (key_dim, key_dim, value_dim)
         conv_dim = 2 * key_dim + value_dim
 
         self.in_proj_qkv = nn.Linear(config.hidden_size, conv_dim, bias=False)
@@ -68,25 +67,44 @@ class GatedDeltaNet(nn.Module):
         """The recurrence over the whole row: o `[B, T, Hv, Dv]` and the final state (or None)."""
         return ops.gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state=output_final_state)
 
+    # The layer in three steps: `project` and `output` act on each token alone, `mix` is the only
+    # step that mixes tokens, and it treats every head on its own.
+
     def forward(self, x_BTD, cu_seqlens=None, cache=None):
-        batch, length, _ = x_BTD.shape
+        qkv_BTC, beta, g = self.project(x_BTD)
+        o = self.mix(qkv_BTC, beta, g, self.conv1d.weight.squeeze(1), cu_seqlens, cache)
+        return self.output(o, x_BTD)
+
+    def project(self, x_BTD):
+        """The conv's input channels `[q | k | v]` `[B, T, C]`, beta and the log decay g (float32),
+        both `[B, T, Hv]`."""
+        beta = self.in_proj_b(x_BTD).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BTD).float() + self.dt_bias)
+        return self.in_proj_qkv(x_BTD), beta, g
+
+    def mix(self, qkv_BTC, beta, g, conv_weight_CK, cu_seqlens=None, cache=None):
+        """The short conv (depthwise: channel c uses row c of `conv_weight_CK`) and the delta rule:
+        o `[B, T, Hv, Dv]`. The head counts are read from beta, so any whole group of heads with
+        their channels `[q heads | k heads | v heads]` and conv rows runs the same way."""
+        batch, length, value_heads = beta.shape
+        key_heads = value_heads * self.num_k_heads // self.num_v_heads
         conv_state = recurrent_state = None
         if cache is not None and cache.started:
             conv_state, recurrent_state = cache.conv_state, cache.recurrent_state
         want_state = cache is not None
-        qkv, conv_state = ops.causal_conv1d(
-            self.in_proj_qkv(x_BTD), self.conv1d.weight.squeeze(1), cu_seqlens, conv_state, want_state
-        )
-        q, k, v = qkv.split(self.split_sizes, dim=-1)
-        q = q.reshape(batch, length, self.num_k_heads, self.head_k_dim)
-        k = k.reshape(batch, length, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(batch, length, self.num_v_heads, self.head_v_dim)
-        beta = self.in_proj_b(x_BTD).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BTD).float() + self.dt_bias)
+        qkv, conv_state = ops.causal_conv1d(qkv_BTC, conv_weight_CK, cu_seqlens, conv_state, want_state)
+        key_dim = key_heads * self.head_k_dim
+        q, k, v = qkv.split((key_dim, key_dim, value_heads * self.head_v_dim), dim=-1)
+        q = q.reshape(batch, length, key_heads, self.head_k_dim)
+        k = k.reshape(batch, length, key_heads, self.head_k_dim)
+        v = v.reshape(batch, length, value_heads, self.head_v_dim)
 
         o, recurrent_state = self.delta_rule(q, k, v, g, beta, cu_seqlens, recurrent_state, want_state)
         if cache is not None:
             cache.update(conv_state, recurrent_state)
-        z = self.in_proj_z(x_BTD).reshape(batch, length, self.num_v_heads, self.head_v_dim)
-        o = self.norm(o, z)
-        return self.out_proj(o.reshape(batch, length, -1))
+        return o
+
+    def output(self, o_BTHD, x_BTD):
+        """Gated RMSNorm per head (gate z from the layer input), then out_proj."""
+        z = self.in_proj_z(x_BTD).reshape(o_BTHD.shape)
+        return self.out_proj(self.norm(o_BTHD, z).flatten(2))

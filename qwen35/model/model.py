@@ -19,7 +19,7 @@ from qwen35.model.cache import InferenceCache
 from qwen35.model.config import Qwen35Config
 from qwen35.model.gated_delta import GatedDeltaNet, GatedRMSNorm
 from qwen35.model.mlp import MLP
-from qwen35.model.moe import Experts, Router, RouterLogits, RouterStats, SparseMoeBlock, router_stats
+from qwen35.model.moe import Experts, Router, RouterStats, SparseMoeBlock, router_stats
 from qwen35.ops.autocast import compute_dtype
 from qwen35.ops.cross_entropy import IGNORE_INDEX
 from qwen35.ops.segments import document_starts, positions_in_documents
@@ -118,9 +118,15 @@ class GatedAttention(nn.Module):
         if cache is not None and cu_seqlens is None:
             out = ops.cached_attention(q, cache.keys, cache.values, cache_lengths)
         else:
-            out = ops.causal_attention(q, k, v, cu_seqlens)
+            out = self.attend(q, k, v, cu_seqlens)
         out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(batch, length, -1))
+
+    def attend(self, q, k, v, cu_seqlens=None):
+        """The one step that mixes tokens; everything around it acts on each token alone. Each
+        query head reads only its kv head (`h // (H // Hkv)`), so any whole group of kv heads with
+        their query heads runs the same way."""
+        return ops.causal_attention(q, k, v, cu_seqlens)
 
 
 class DecoderLayer(nn.Module):
@@ -138,9 +144,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rotary, cu_seqlens=None, cache=None, cache_slots=None, cache_lengths=None,
-                router_logits: RouterLogits | None = None):
-        """`router_logits`, when given, collects an MoE layer's router logits."""
+    def forward(self, x, rotary, cu_seqlens=None, cache=None, cache_slots=None, cache_lengths=None):
+        """The layer's output and, for an MoE layer, its router logits `[B*T, E]` (else None).
+
+        The logits are returned, not collected on the side, so that whatever wraps the layer sees
+        every tensor that leaves it: FSDP unshards a layer's weights for the backward when a
+        gradient reaches one of its outputs, and the balancing loss's gradient reaches the router
+        through the logits."""
         h = autocast_input(self.input_layernorm(x))
         if self.layer_type == "linear_attention":
             h = self.linear_attn(h, cu_seqlens, cache)
@@ -148,12 +158,10 @@ class DecoderLayer(nn.Module):
             h = self.self_attn(h, rotary, cu_seqlens, cache, cache_slots, cache_lengths)
         x = x + h
         if not self.is_moe:
-            return x + self.mlp(autocast_input(self.post_attention_layernorm(x)))
+            return x + self.mlp(autocast_input(self.post_attention_layernorm(x))), None
         # not cast here: the MoE block sums its experts' outputs in the dtype of its input
         h, logits = self.mlp(self.post_attention_layernorm(x))
-        if router_logits is not None:
-            router_logits.layers.append(logits)
-        return x + h
+        return x + h, logits
 
 
 class Qwen35Model(nn.Module):
@@ -165,7 +173,7 @@ class Qwen35Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache: InferenceCache | None = None,
-                router_logits: RouterLogits | None = None, inputs_embeds=None):
+                router_logits: list | None = None, inputs_embeds=None):
         """`inputs_embeds [B, T, D]`, when given, replaces the embedding of `input_ids` (the
         vision-language model's, with media features in the pad tokens' places)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -186,7 +194,9 @@ class Qwen35Model(nn.Module):
         lengths_after = None if cache is None else cache.lengths + length
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x = layer(x, rotary, cu_seqlens, layer_cache, slots, lengths_after, router_logits)
+            x, logits = layer(x, rotary, cu_seqlens, layer_cache, slots, lengths_after)
+            if router_logits is not None and logits is not None:
+                router_logits.append(logits)
         if cache is not None:
             cache.advance(length, cu_seqlens)
         return self.norm(x)
@@ -211,16 +221,22 @@ class CausalLMOutput:
 
 
 def causal_lm_output(config: Qwen35Config, hidden, lm_head: nn.Linear, labels=None, cu_seqlens=None,
-                     router_logits: RouterLogits | None = None) -> CausalLMOutput:
+                     router_logits: list | None = None) -> CausalLMOutput:
     """Logits of the final hidden states, or with `labels` the loss (see `Qwen35ForCausalLM`)."""
     if labels is None:
         return CausalLMOutput(logits=lm_head(hidden))
-    targets = next_token_targets(labels, cu_seqlens)
-    loss_sum = ops.linear_cross_entropy(hidden.flatten(0, 1), lm_head.weight, targets.flatten())
-    count = (targets != IGNORE_INDEX).sum()
+    return causal_lm_loss(config, lm_head, hidden, next_token_targets(labels, cu_seqlens), router_logits)
+
+
+def causal_lm_loss(config: Qwen35Config, lm_head: nn.Linear, hidden_BTD, targets_BT,
+                   router_logits: list | None = None) -> CausalLMOutput:
+    """The summed and mean token loss of the head over `hidden_BTD` against (already shifted)
+    targets; for MoE, plus the router's auxiliary loss over `router_logits` (one tensor a layer)."""
+    loss_sum = ops.linear_cross_entropy(hidden_BTD.flatten(0, 1), lm_head.weight, targets_BT.flatten())
+    count = (targets_BT != IGNORE_INDEX).sum()
     out = CausalLMOutput(loss=loss_sum / count.clamp(min=1), loss_sum=loss_sum, num_loss_tokens=count)
-    if router_logits is not None and router_logits.layers:
-        out.router = router_stats(router_logits.layers, config.num_experts_per_tok)
+    if router_logits:
+        out.router = router_stats(router_logits, config.num_experts_per_tok)
         out.loss = out.loss + config.router_aux_loss_coef * out.router.aux_loss
     return out
 
@@ -244,9 +260,14 @@ class Qwen35ForCausalLM(nn.Module):
 
         In a packed row a document's first token is never a target of the token before it.
         """
-        router_logits = RouterLogits() if self.config.num_experts and labels is not None else None
+        router_logits = [] if self.config.num_experts and labels is not None else None
         hidden = self.model(input_ids, position_ids, cu_seqlens, cache, router_logits)
         return causal_lm_output(self.config, hidden, self.lm_head, labels, cu_seqlens, router_logits)
+
+    def loss(self, hidden_BTD, targets_BT, router_logits: list | None = None) -> CausalLMOutput:
+        """The loss of the head over `hidden_BTD` against (already shifted) targets (see
+        `causal_lm_loss`)."""
+        return causal_lm_loss(self.config, self.lm_head, hidden_BTD, targets_BT, router_logits)
 
     # --- construction ---------------------------------------------------------------------
 

@@ -68,17 +68,6 @@ class SparseMoeBlock(nn.Module):
         return out.view_as(x_BTD), logits
 
 
-class RouterLogits:
-    """The router logits `[tokens, E]` of each MoE layer of one forward, in layer order.
-
-    An object rather than a bare list, because it is passed down as a layer argument: a module
-    wrapper that flattens its arguments into a tree and rebuilds them would hand each layer a copy
-    of a list, and the appends would be lost."""
-
-    def __init__(self) -> None:
-        self.layers: list[torch.Tensor] = []
-
-
 @dataclass
 class RouterStats:
     """What the routers of one forward did, over every MoE layer."""

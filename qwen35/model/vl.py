@@ -17,7 +17,6 @@ from torch import nn
 
 from qwen35.model.config import Qwen35VLConfig
 from qwen35.model.model import CausalLMOutput, Qwen35ForCausalLM, Qwen35Model, causal_lm_output
-from qwen35.model.moe import RouterLogits
 from qwen35.model.vision import VisionModel
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids, as the processor writes them
@@ -121,7 +120,7 @@ class Qwen35VLModel(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                 video_grid_thw=None, mm_token_type_ids=None, position_ids=None, cu_seqlens=None,
-                router_logits: RouterLogits | None = None):
+                router_logits: list | None = None):
         media = [(pixels, grid, token) for pixels, grid, token in (
             (pixel_values, image_grid_thw, self.config.image_token_id),
             (pixel_values_videos, video_grid_thw, self.config.video_token_id),
@@ -166,7 +165,7 @@ class Qwen35ForConditionalGeneration(nn.Module):
         """Logits, or with `labels` the loss, as `Qwen35ForCausalLM.forward`. The media inputs
         have the names and shapes transformers' processor returns; `position_ids` (`[3, B, T]`,
         or transformers' `[4, B, T]`) default to `mrope_positions` of the media present."""
-        router_logits = RouterLogits() if self.config.num_experts and labels is not None else None
+        router_logits = [] if self.config.num_experts and labels is not None else None
         hidden = self.model(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                             mm_token_type_ids, position_ids, cu_seqlens, router_logits)
         return causal_lm_output(self.config, hidden, self.lm_head, labels, cu_seqlens, router_logits)

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from qwen35.build import build_model_and_tokenizer, check_model_source
 from qwen35.data.task import build_task, load_eval_examples, score
@@ -85,8 +86,8 @@ def run_default_or_train(cfg: RunConfig):
     before = task_accuracy(untrained, tok, files.val)
     del untrained
     result = train(cfg)
-    if result.export_dir is None:
-        return result
+    if result.export_dir is None or (dist.is_initialized() and dist.get_rank() != 0):
+        return result  # under torchrun rank 0 scores the export, which it alone writes
     if cfg.lora.rank:  # the export is an adapter for the checkpoint at model.path
         trained = load_adapter(Qwen35ForCausalLM.from_pretrained(cfg.model.path), result.export_dir)
     else:

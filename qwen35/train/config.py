@@ -198,6 +198,12 @@ class ParallelConfig:
     ep: int = option(
         1, "MoE expert parallelism: each group of ep ranks splits every layer's routed experts (E/ep per "
         "rank) and exchanges tokens by all-to-all; must divide the ranks and the experts; 1: off")
+    sp: int = option(
+        1, "Ulysses sequence parallelism: ranks that share each row, each holding 1/sp of its tokens "
+           "(divides the process count and every head count); data-parallel replicas = processes / sp")
+    cp: int = option(
+        1, "context parallelism: ranks that share each row, each holding 1/cp of its tokens; GDN layers "
+           "pass recurrent states between ranks, attention layers take sp's all-to-all (exclusive with sp)")
 
 
 @dataclass

@@ -21,12 +21,17 @@ from qwen35.data.dataset import build_datasets
 from qwen35.data.loader import PackedLoader
 from qwen35 import ops
 from qwen35.lora import save_adapter
+from qwen35.parallel.sequence import parallel_mesh
 from qwen35.train.config import RunConfig
 
 
 @dataclass
 class Runtime:
-    """Where this process runs: device, rank, and the compute precision.
+    """Where this process runs: device, rank, the process layout, and the compute precision.
+
+    Ranks form a dp x seq grid (`qwen35.parallel.sequence.parallel_mesh`): the `ranks_per_row`
+    consecutive ranks of a data-parallel replica (parallel.sp or parallel.cp) read the same rows,
+    each keeping a slice of them; `dp_rank` picks the rows.
 
     Parameters, gradients and optimizer state stay float32 (the master weights); on a GPU the
     forward and backward run in bf16 under autocast (`model.dtype` auto or bfloat16), on a CPU in
@@ -37,6 +42,16 @@ class Runtime:
     rank: int
     world_size: int
     autocast_dtype: torch.dtype | None
+    row_group: dist.ProcessGroup | None = None  # the ranks sharing this rank's rows, if several
+    ranks_per_row: int = 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.ranks_per_row
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.ranks_per_row
 
     @classmethod
     def start(cls, cfg: RunConfig) -> Runtime:
@@ -50,12 +65,20 @@ class Runtime:
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     device_id=device if device.type == "cuda" else None)
+        sp, cp, row_group = cfg.parallel.sp, cfg.parallel.cp, None
+        if sp > 1 and cp > 1:
+            raise ValueError("parallel.sp and parallel.cp cannot both be > 1 (not built yet)")
+        for key, n in (("parallel.sp", sp), ("parallel.cp", cp)):
+            if n < 1 or world_size % n:
+                raise ValueError(f"{key} ({n}) must be >= 1 and divide the number of processes ({world_size})")
+        if sp * cp > 1:
+            row_group = parallel_mesh(device.type, sp * cp)["seq"].get_group()
         wants_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device.type == "cuda")
         if cfg.model.kernels == "fast":
             ops.use_backend("fast", strict=True, delta_rule_kernel=cfg.model.delta_rule_kernel)
         elif cfg.model.kernels == "auto" and device.type == "cuda":
             ops.use_backend("fast", strict=False, delta_rule_kernel=cfg.model.delta_rule_kernel)
-        return cls(device, rank, world_size, torch.bfloat16 if wants_bf16 else None)
+        return cls(device, rank, world_size, torch.bfloat16 if wants_bf16 else None, row_group, sp * cp)
 
     @property
     def is_main(self) -> bool:
@@ -92,7 +115,7 @@ def export_model(model, tokenizer, directory: Path, rt: Runtime) -> None:
 
 @dataclass
 class RunData:
-    loader: PackedLoader  # this rank's micro-batches, resumable
+    loader: PackedLoader  # this rank's micro-batches (its data-parallel replica's), resumable
     train_rows: int
     val_batches: list[dict]  # this rank's share of the validation rows
 
@@ -106,10 +129,10 @@ def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime) -> RunData:
         tokenizer.chat_template = Path(data_cfg.chat_template).read_text(encoding="utf-8")
     rt.print(datasets.stats.summary())
     loader = PackedLoader(datasets.train, cfg.train.micro_batch_size, seed=cfg.data.seed,
-                          rank=rt.rank, world_size=rt.world_size)
+                          rank=rt.dp_rank, world_size=rt.dp_size)
     val_batches = []
     if datasets.val is not None:
-        val = PackedLoader(datasets.val, cfg.train.micro_batch_size, rank=rt.rank, world_size=rt.world_size,
+        val = PackedLoader(datasets.val, cfg.train.micro_batch_size, rank=rt.dp_rank, world_size=rt.dp_size,
                            shuffle=False)
         val_batches = list(itertools.islice(val, val.batches_per_epoch))
     return RunData(loader, len(datasets.train), val_batches)

@@ -1,7 +1,8 @@
 """One optimizer step's forward and backward over its micro-batches.
 
 The loss is the sum of token losses divided by the number of loss tokens in the whole step (all
-micro-batches, and all data-parallel ranks once `global_count` all-reduces it). Per-micro-batch
+micro-batches, and all ranks once `global_count` all-reduces it; under sequence parallelism the
+`ranks_per_row` ranks that share a row each count its tokens, so the sum is divided by that). Per-micro-batch
 means would weigh a token of a short micro-batch more than one of a long micro-batch: the
 "gradient accumulation bug".
 """
@@ -75,16 +76,20 @@ def forward_backward(
     router_z_loss_coef: float = 0.0,
     data_parallel_size: int = 1,
     router_balance: str = "micro_batch",
+    ranks_per_row: int = 1,
 ) -> StepResult:
     """Accumulates the gradient of (step loss sum / step loss tokens), plus for MoE models the
     router losses (`router_losses`): per micro-batch (`micro_batch`) or over the whole step
     (`global`, after a counting forward, `step_assignments`).
 
-    FSDP averages the ranks' gradients; each rank's backward therefore runs on its share of the
-    step's loss times `data_parallel_size`, so that the average is the whole step's gradient,
-    exactly what one process computes (and what clipping and the logged grad norm see).
-    `global_count` sums a tensor over the data-parallel ranks."""
-    count = global_count(sum(count_loss_tokens(b) for b in micro_batches)).clamp(min=1)
+    FSDP averages the gradients of its `data_parallel_size` ranks (all of them, data- and
+    sequence-parallel); each rank's backward therefore runs on its share of the step's loss times
+    that number, so that the average is the whole step's gradient, exactly what one process
+    computes (and what clipping and the logged grad norm see). `global_count` sums a tensor over
+    all ranks; under sequence parallelism `ranks_per_row` ranks share each row and each counts its
+    loss tokens, and `loss_sum` is the rank's own tokens' (docs/parallel.md)."""
+    rows_count = global_count(sum(count_loss_tokens(b) for b in micro_batches))
+    count = (rows_count // ranks_per_row).clamp(min=1)
     total = torch.zeros((), device=count.device)
     device_type = micro_batches[0]["input_ids"].device.type
 

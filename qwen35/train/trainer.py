@@ -1,8 +1,9 @@
 """The training loop, written out: load, prepare data, step, log, evaluate, save, export.
 
-One process or many (torchrun): `parallel.fsdp` shards the model over data-parallel ranks, each
-rank reads its share of the packed rows, and the loss is normalised by the loss tokens of the
-whole step over all ranks (one all-reduce of the count per step).
+One process or many (torchrun): FSDP shards the model over all ranks, each data-parallel replica
+(`parallel.sp` or `parallel.cp` ranks sharing rows, `qwen35.parallel`) reads its share of the packed
+rows, and the loss is normalised by the loss tokens of the whole step over all ranks (one
+all-reduce of the count per step).
 
 What keeps a run safe (README, "Runs and output directories"): the output directory is claimed
 for this run before any work (`rundir`); a step whose loss or gradient norm is not finite is
@@ -80,12 +81,13 @@ def train(cfg: RunConfig) -> TrainResult:
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer, rt)  # before the model: a bad data file costs no model load
     model = build_model(cfg, rt, tokenizer)
-    rows_per_rank_step = cfg.train.global_batch_size // rt.world_size
+    rows_per_rank_step = cfg.train.global_batch_size // rt.dp_size
     accumulation = rows_per_rank_step // cfg.train.micro_batch_size
-    if accumulation * cfg.train.micro_batch_size * rt.world_size != cfg.train.global_batch_size:
+    if accumulation * cfg.train.micro_batch_size * rt.dp_size != cfg.train.global_batch_size:
         raise UserError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel ranks ({rt.world_size})"
+            f"train.micro_batch_size ({cfg.train.micro_batch_size}) x data-parallel ranks "
+            f"({rt.dp_size} = processes / parallel.sp or parallel.cp)"
         )
     steps_per_epoch = max(1, data.train_rows // cfg.train.global_batch_size)
     total_steps = cfg.train.max_steps or cfg.train.num_epochs * steps_per_epoch
@@ -134,7 +136,7 @@ def train(cfg: RunConfig) -> TrainResult:
             start = time.perf_counter()
             micro = [_to_device(next(batches), rt.device) for _ in range(accumulation)]
             result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.train.router_z_loss_coef,
-                                      rt.world_size, cfg.train.router_balance)
+                                      rt.world_size, cfg.train.router_balance, rt.ranks_per_row)
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
             grad_norm = clip_grad_norm(model.parameters(), clip)
             loss = float(result.loss)
@@ -149,7 +151,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 rt.print(f"step {step}: loss {loss:.4g}, gradient norm {float(grad_norm):.4g}: not finite, step "
                          f"skipped ({skipped.in_a_row} in a row, {skipped.total} in all)")
             elapsed = time.perf_counter() - start
-            tokens = sum(b["input_ids"].numel() for b in micro) * rt.world_size
+            tokens = sum(b["input_ids"].numel() for b in micro) * rt.dp_size
             tokens_per_s = tokens / elapsed
             scalars = dict(loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                            tokens_per_s=tokens_per_s, memory_gb=rt.peak_memory_gb(), skipped_steps=skipped.total)

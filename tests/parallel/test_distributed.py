@@ -244,3 +244,14 @@ def test_sigterm_to_one_rank_stops_both_at_one_checkpoint_and_resumes_on_two_and
     assert sorted(two_then_two) == list(range(1, end + 1)) and sorted(two_then_one) == [end - 1, end]
     assert all(two_then_two[s] == uninterrupted[s] for s in uninterrupted)  # same process count: bitwise
     assert max(abs(two_then_one[s] - uninterrupted[s]) for s in two_then_one) <= 1e-6
+
+
+def test_sequence_and_context_parallel_training_match_one_process(tmp_path):
+    _ok(_launch(_flags(tmp_path, "one", 6), nproc=1))
+    one, norms_one = _losses(tmp_path / "one"), _losses(tmp_path / "one", "grad_norm")
+    for kind in ("sp", "cp"):
+        _ok(_launch(_flags(tmp_path, kind, 6, f"--parallel.{kind}", "2"), nproc=2))
+        two, norms_two = _losses(tmp_path / kind), _losses(tmp_path / kind, "grad_norm")
+        assert sorted(one) == sorted(two) == list(range(1, 7))
+        assert max(abs(one[s] - two[s]) for s in one) <= 1e-5, kind
+        assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-5, kind

@@ -1,0 +1,72 @@
+"""Sequence (Ulysses) and context parallelism on CPU with gloo: losses and every gradient equal
+one process's.
+
+Each test launches `sequence_worker.py` under torchrun; the worker runs the same two optimizer
+steps alone and in parallel (FSDP over all ranks) on packed rows whose documents straddle the
+ranks' slices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen35 import Qwen35Config
+from qwen35.parallel.sequence import check_heads_divide
+from qwen35.train.config import ParallelConfig, RunConfig, TrainConfig
+from qwen35.train.setup import Runtime
+from reference import tiny_model_dir
+
+HERE = Path(__file__).parent
+
+
+def _run_worker(tmp_path, nproc: int, kind: str, degree: int, moe: bool = False, **config) -> dict:
+    model_dir = tiny_model_dir(tmp_path / "model", moe=moe, **config)
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(HERE / "sequence_worker.py"), str(model_dir), kind, str(degree), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _assert_matches_one_process(result: dict) -> None:
+    one, parallel = result["losses"]["one"], result["losses"]["parallel"]
+    assert len(one) == len(parallel) == 2 and one[1] != one[0]  # the first step changed the model
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(one, parallel)), (one, parallel)
+    errors = result["grad_errors"]
+    assert any("linear_attn.conv1d" in n for n in errors) and any("self_attn.q_proj" in n for n in errors)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-5, (worst, errors[worst])
+
+
+@pytest.mark.parametrize("kind", ["sp", "cp"])
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_two_ranks_per_row_match_one_process(tmp_path, kind, moe):
+    _assert_matches_one_process(_run_worker(tmp_path, 2, kind, 2, moe=moe))
+
+
+def test_sp2_by_dp2_matches_one_process(tmp_path):
+    _assert_matches_one_process(_run_worker(tmp_path, 4, "sp", 2))
+
+
+def test_cp4_matches_one_process_with_a_document_over_whole_slices(tmp_path):
+    # slices of 12 tokens; one document covers two whole slices, so the transition matrices of
+    # the state passing count (with cp = 2 no slice both receives and passes on a state); the
+    # attention layers' all-to-all needs as many kv heads as ranks
+    _assert_matches_one_process(_run_worker(tmp_path, 4, "cp", 4, num_key_value_heads=4))
+
+
+def test_head_counts_that_do_not_divide_are_refused():
+    config = Qwen35Config(num_attention_heads=4, num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=4)
+    check_heads_divide(config, 2)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        check_heads_divide(config, 4)
+
+
+def test_sp_that_does_not_divide_the_processes_is_refused():
+    with pytest.raises(ValueError, match=r"parallel.sp \(2\).*processes \(1\)"):
+        Runtime.start(RunConfig(parallel=ParallelConfig(sp=2), train=TrainConfig(max_steps=1)))
