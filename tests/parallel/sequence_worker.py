@@ -63,7 +63,7 @@ def main(model_dir: str, kind: str, sp: int, out_path: str) -> None:
     losses, grad_errors = {"one": [], "parallel": []}, {}
     for step, rows in enumerate(steps):
         one = forward_backward(reference, [b for replica in rows for b in replica])
-        par = forward_backward(model, rows[dp_rank], global_sum, gradient_ranks=world, ranks_per_row=sp)
+        par = forward_backward(model, rows[dp_rank], global_sum, data_parallel_size=world, ranks_per_row=sp)
         losses["one"].append(float(one.loss))
         losses["parallel"].append(float(par.loss))
         if step == 0:
