@@ -125,8 +125,8 @@ def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
     if cfg.parallel.ep > 1:
         expert_mesh = expert_parallel_mesh(rt.device.type, cfg.parallel.ep)
         apply_expert_parallel(model, expert_mesh)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
+    if cfg.train.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.compile:
         compile_layers(model)
     if rt.world_size > 1:
