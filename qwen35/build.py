@@ -130,8 +130,8 @@ def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
     if rt.row_group is not None:  # ranks that share each row: Ulysses (sp) or GDN context parallelism (cp)
         apply = apply_context_parallel if cfg.parallel.cp > 1 else apply_sequence_parallel
         apply(model, rt.row_group)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model, "offload" if cfg.train.offload_activations else "full")
+    if cfg.train.activation_checkpointing != "none":
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.compile:
         compile_layers(model)
     if rt.world_size > 1:

@@ -115,11 +115,11 @@ class TrainConfig:
     seed: int = option(42, "Seed for weight initialisation and dropout")
     grad_clip: float = option(1.0, "Clip the global gradient norm to this; 0: no clipping")
     compile: bool = option(False, "torch.compile each decoder layer (fuses the elementwise work)")
-    activation_checkpointing: bool = option(
-        False, "Recompute each block's activations in the backward pass to save memory")
-    offload_activations: bool = option(
-        False, "With activation_checkpointing, for the longest contexts: each block's input in pinned CPU "
-        "memory, the MLP and the delta rule run in 64k-token slices")
+    activation_checkpointing: Literal["none", "selective", "full", "offload"] = option(
+        "none", "Recompute activations in the backward pass to save memory: selective (keep the "
+        "matmul and attention outputs, rerun the elementwise work), full (keep each block's input "
+        "only), offload (full with those inputs in pinned CPU memory and the MLP and delta rule in "
+        "64k-token slices: for the longest contexts)")
     router_z_loss_coef: float = option(
         0.0, "MoE: weight of the router z-loss (mean logsumexp(logits)^2) added to the loss; 0: off")
     router_balance: Literal["micro_batch", "global"] = option(
@@ -272,8 +272,6 @@ def _check(cfg: RunConfig) -> None:
     need(0.0 <= cfg.lora.dropout < 1.0, "lora.dropout must be in [0, 1)")
     need(cfg.lora.rank == 0 or bool(cfg.lora.target_modules or cfg.lora.target_parameters),
          "lora.rank > 0 needs lora.target_modules or lora.target_parameters")
-    need(not cfg.train.offload_activations or cfg.train.activation_checkpointing,
-         "train.offload_activations needs train.activation_checkpointing")
     need(cfg.lora.quantize_base == "none" or cfg.lora.rank > 0, "lora.quantize_base needs lora.rank > 0 (QLoRA)")
     need(cfg.lora.rank == 0 or cfg.model.path is not None,
          "lora.rank > 0 needs model.path: adapters fine-tune a checkpoint")

@@ -29,7 +29,7 @@ def load_run_config(yaml_path: str | Path | None, overrides: list[str]) -> RunCo
     """Defaults, then the YAML file's values, then the command-line overrides, last one winning.
 
     `overrides` are the arguments after the YAML path: `--train.max_steps 20`,
-    `--train.max_steps=20`, or a bare `--train.activation_checkpointing` for true.
+    `--train.max_steps=20`, or a bare `--train.compile` for true.
     """
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if yaml_path is not None:
@@ -92,11 +92,19 @@ def _takes_bool(tp: Any) -> bool:
     return tp is bool or bool in typing.get_args(tp)
 
 
+# Keys of earlier releases -> what to write instead.
+REPLACED_KEYS = {
+    "train.offload_activations": "set train.activation_checkpointing: offload",
+}
+
+
 def _resolve_key(key: str, source: str) -> tuple[str, str]:
     """`section.name` → (section, name), or a ValueError naming the closest known key."""
     section, _, name = key.partition(".")
     if section in SECTIONS and name in _names(SECTIONS[section]):
         return section, name
+    if key in REPLACED_KEYS:
+        raise ValueError(f"{source}: {key} is gone: {REPLACED_KEYS[key]}")
     all_keys = [f"{s}.{n}" for s, cls in SECTIONS.items() for n in _names(cls)]
     # A right key in the wrong section (train.lr) is a likelier slip than a misspelling.
     elsewhere = [k for k in all_keys if k.endswith(f".{name}")]

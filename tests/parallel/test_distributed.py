@@ -195,7 +195,7 @@ def test_expert_parallel_times_data_parallel_on_four_processes_equals_one_proces
 
 
 def test_lora_with_fsdp_and_activation_checkpointing_matches_one_process(tmp_path):
-    lora = ["--lora.rank", "4", "--lora.alpha", "8", "--train.activation_checkpointing", "true"]
+    lora = ["--lora.rank", "4", "--lora.alpha", "8", "--train.activation_checkpointing", "full"]
     _ok(_launch(_flags(tmp_path, "one", 8, *lora), nproc=1))
     _ok(_launch(_flags(tmp_path, "two", 8, *lora), nproc=2))
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")

@@ -36,7 +36,8 @@ def test_the_last_of_repeated_flags_wins():
         ("train.max_steps", "null", "train.max_steps", None),
         ("optim.lr", "1e-5", "optim.lr", 1e-5),
         ("optim.min_lr_ratio", "0", "optim.min_lr_ratio", 0.0),
-        ("train.activation_checkpointing", "yes", "train.activation_checkpointing", True),
+        ("train.compile", "yes", "train.compile", True),
+        ("train.activation_checkpointing", "offload", "train.activation_checkpointing", "offload"),
         ("parallel.cpu_offload", "1", "parallel.cpu_offload", True),
         ("log.tensorboard", "False", "log.tensorboard", False),
         ("model.dtype", "bfloat16", "model.dtype", "bfloat16"),
@@ -54,8 +55,8 @@ def test_flag_strings_are_parsed_to_the_field_type(flag, value, attr, expected):
 
 
 def test_a_bare_bool_flag_means_true():
-    cfg = load_run_config(None, ["--train.activation_checkpointing", "--train.max_steps", "3"])
-    assert cfg.train.activation_checkpointing is True
+    cfg = load_run_config(None, ["--train.compile", "--train.max_steps", "3"])
+    assert cfg.train.compile is True
     assert cfg.train.max_steps == 3
 
 
@@ -102,8 +103,12 @@ def test_bad_value_names_the_source_the_key_and_the_expected_type(tmp_path):
         load_run_config(None, ["--model.dtype", "fp16"])
     with pytest.raises(ValueError, match=r"optim.betas = \[0.9\]: expected tuple\[float, float\]"):
         load_run_config(write(tmp_path, "optim:\n  betas: [0.9]\n"), [])
-    with pytest.raises(ValueError, match="train.activation_checkpointing = 'maybe': expected bool"):
-        load_run_config(None, ["--train.activation_checkpointing", "maybe"])
+    with pytest.raises(ValueError, match="train.compile = 'maybe': expected bool"):
+        load_run_config(None, ["--train.compile", "maybe"])
+    with pytest.raises(ValueError, match=r"train.activation_checkpointing = True: expected none\|selective\|full\|offload"):
+        load_run_config(write(tmp_path, "train:\n  activation_checkpointing: true\n"), [])
+    with pytest.raises(ValueError, match="train.offload_activations is gone: set train.activation_checkpointing: offload"):
+        load_run_config(None, ["--train.offload_activations", "true"])
 
 
 def test_yaml_bool_is_not_accepted_as_an_int(tmp_path):

@@ -161,6 +161,6 @@ def test_offloaded_activation_checkpointing_run_has_the_plain_runs_losses(tmp_pa
     plain = losses(train(run_config(tmp_path, "--train.eval_steps", "0")).output_dir)
     offloaded = losses(train(run_config(
         tmp_path, "--train.eval_steps", "0", "--train.output_dir", str(tmp_path / "offloaded"),
-        "--train.activation_checkpointing", "true", "--train.offload_activations", "true")).output_dir)
+        "--train.activation_checkpointing", "offload")).output_dir)
     assert sorted(offloaded) == sorted(plain)
     assert all(abs(offloaded[s] - plain[s]) <= 1e-5 * plain[s] for s in plain)
