@@ -112,9 +112,9 @@ def _rl(args: list[str]) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from qwen35.train.builtin import evaluate_model_dir
+    from qwen35.evaluate import run_eval
 
-    evaluate_model_dir(args.model, args.data, args.limit)
+    run_eval(args.model, args.data, args.limit, args.seq_len)
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -167,10 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("rl", help="GRPO: qwen35 rl runs the built-in run (see qwen35 rl --help)", add_help=False)
 
-    evaluate = commands.add_parser("eval", help="exact-match accuracy on the built-in task's held-out set")
-    evaluate.add_argument("--model", required=True, help="model directory")
-    evaluate.add_argument("--data", help="task JSONL (default: the built-in held-out set)")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    evaluate = commands.add_parser("eval", help="loss and perplexity on a data file (assistant tokens); "
+                                   "on the built-in task's files also exact match")
+    evaluate.add_argument("--model", required=True, help="model directory: a full export or a LoRA adapter")
+    evaluate.add_argument("--data", help="any data file the trainer reads (default: the built-in task's "
+                          "held-out set beside the model)")
+    evaluate.add_argument("--limit", type=int, default=None, help="exact match on the first N problems only")
+    evaluate.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
     evaluate.set_defaults(run=_eval)
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model")

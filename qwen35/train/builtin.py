@@ -10,7 +10,6 @@ that task.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,25 +48,6 @@ def task_accuracy(model, tok, val_path: Path, limit: int | None = None, batch_si
         bar.update(len(chunk))
     bar.close()
     return score(predictions, [a for _, a in examples])
-
-
-def evaluate_model_dir(model_dir: str, data: str | None = None, limit: int | None = None) -> float:
-    """`qwen35 eval`: a trained model directory on the task's held-out set."""
-    from transformers import AutoTokenizer
-
-    adapter_config = Path(model_dir) / "adapter_config.json"
-    if adapter_config.is_file():  # a LoRA export: its base model plus the adapter
-        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        model = load_adapter(Qwen35ForCausalLM.from_pretrained(base, dtype=torch.float32), model_dir)
-    else:
-        model = Qwen35ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    val_path = Path(data) if data else Path(model_dir).parent / "builtin" / "task" / "val.jsonl"
-    if not val_path.is_file():
-        raise FileNotFoundError(f"no task file at {val_path}; pass --data PATH to a task JSONL")
-    accuracy = task_accuracy(model, tok, val_path, limit)
-    print(f"exact-match accuracy on {val_path}: {accuracy:.1%}")
-    return accuracy
 
 
 def run_default_or_train(cfg: RunConfig):

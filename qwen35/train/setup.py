@@ -140,4 +140,4 @@ def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime) -> RunData:
 
 def _base_model_path(model) -> str | None:
     origin = getattr(model, "origin", None)
-    return str(origin.directory) if origin is not None else None
+    return str(origin.directory.resolve()) if origin is not None else None  # loads from any directory

@@ -60,16 +60,22 @@ def _global_count(n: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_loss(model, batches, rt: Runtime) -> float:
+    total, count = loss_totals(model, batches, rt)
+    return total / max(count, 1)
+
+
+def loss_totals(model, batches, rt: Runtime) -> tuple[float, int]:
+    """The summed loss and the number of loss tokens over `batches` (and over all ranks)."""
     model.eval()
-    total = count = 0.0
+    total, count = 0.0, 0
     for batch in batches:
         batch = _to_device(batch, rt.device)
         with rt.autocast():
             out = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"), labels=batch["labels"])
         total += float(_global_count(out.loss_sum.detach()))
-        count += float(_global_count(out.num_loss_tokens))
+        count += int(_global_count(out.num_loss_tokens))
     model.train()
-    return total / max(count, 1.0)
+    return total, count
 
 
 def train(cfg: RunConfig) -> TrainResult:
