@@ -93,9 +93,9 @@ def train_config(args: list[str]):
     yaml_path = rest.pop(0) if rest and not rest[0].startswith("-") else None
     cfg = load_run_config(yaml_path, rest)
     if yaml_path is None and cfg.model.path is None and cfg.model.preset is None and cfg.data.train_path is None:
-        from qwen35.train.builtin import DEFAULT_RUN_CONFIG
+        from qwen35.train.builtin import DEFAULT_RUN_CONFIG, fit_micro_batch
 
-        return load_run_config(DEFAULT_RUN_CONFIG, rest)
+        return fit_micro_batch(load_run_config(DEFAULT_RUN_CONFIG, rest))
     return cfg
 
 

@@ -10,6 +10,7 @@ that task.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,10 +19,12 @@ import torch.distributed as dist
 
 from qwen35.build import build_model_and_tokenizer, check_model_source
 from qwen35.data.task import build_task, load_eval_examples, score
+from qwen35.errors import UserError
 from qwen35.lora import load_adapter
 from qwen35.model import Qwen35ForCausalLM
 from qwen35.progress import progress
 from qwen35.train.config import RunConfig
+from qwen35.train import rundir
 from qwen35.train.setup import Runtime
 from qwen35.train.trainer import train
 
@@ -50,21 +53,46 @@ def task_accuracy(model, tok, val_path: Path, limit: int | None = None, batch_si
     return score(predictions, [a for _, a in examples])
 
 
+def say(message: str) -> None:
+    """A stage of the built-in run, said once (by rank 0 under torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"qwen35: {message}", flush=True)
+
+
+def fit_micro_batch(cfg: RunConfig) -> RunConfig:
+    """The built-in run under torchrun: its micro-batch shrinks so that the global batch still
+    splits over the data-parallel ranks (8 rows on 1, 2, 4 or 8 processes)."""
+    dp = int(os.environ.get("WORLD_SIZE", "1")) // (cfg.parallel.sp * cfg.parallel.cp)
+    train_cfg = cfg.train
+    if dp > 1 and train_cfg.global_batch_size % (train_cfg.micro_batch_size * dp):
+        if train_cfg.global_batch_size % dp:
+            raise UserError(f"train.global_batch_size ({train_cfg.global_batch_size}) does not split over "
+                            f"{dp} data-parallel ranks; set --train.global_batch_size to a multiple of {dp}")
+        micro = max(m for m in range(1, train_cfg.micro_batch_size + 1)
+                    if train_cfg.global_batch_size % (m * dp) == 0)
+        cfg = replace(cfg, train=replace(train_cfg, micro_batch_size=micro))
+    return cfg
+
+
 def run_default_or_train(cfg: RunConfig):
     """Trains `cfg`; without `data.train_path`, first generates the built-in task and then
     reports its held-out accuracy before and after training (not for a random preset larger
     than `tiny`, whose size makes the untrained evaluation slow and its result meaningless)."""
     check_model_source(cfg)
+    rundir.plan_run(cfg.train, Path(cfg.train.output_dir))  # a refused output directory: before any work
     if cfg.data.train_path is not None:
         return train(cfg)
+    say(f"the built-in task: {_builtin_dir(cfg) / 'task'}")
     files = build_task(_builtin_dir(cfg) / "task")
     cfg = replace(cfg, data=replace(cfg.data, train_path=str(files.train), val_path=str(files.val), val_fraction=0.0))
     if cfg.model.preset not in (None, "tiny"):  # random weights at a real size: the task is only data
         return train(cfg)
     torch.manual_seed(cfg.train.seed)  # the trainer draws the same initial weights from this seed
     untrained, tok = build_model_and_tokenizer(cfg, Runtime(torch.device("cpu"), 0, 1, None))
+    say("evaluating the untrained model on the held-out problems")
     before = task_accuracy(untrained, tok, files.val)
     del untrained
+    say(f"training (untrained held-out exact match {before:.1%})")
     result = train(cfg)
     if result.export_dir is None or (dist.is_initialized() and dist.get_rank() != 0):
         return result  # under torchrun rank 0 scores the export, which it alone writes
@@ -72,6 +100,7 @@ def run_default_or_train(cfg: RunConfig):
         trained = load_adapter(Qwen35ForCausalLM.from_pretrained(cfg.model.path), result.export_dir)
     else:
         trained = Qwen35ForCausalLM.from_pretrained(result.export_dir)
+    say("evaluating the trained model on the held-out problems")
     after = task_accuracy(trained, tok, files.val)
     print(f"held-out exact match: untrained {before:.1%} -> trained {after:.1%} "
           f"({len(load_eval_examples(files.val))} problems; model in {result.export_dir})")
