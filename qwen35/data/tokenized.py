@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from qwen35.data.formats import DataError, MalformedRecord, iter_records, parse_record, to_sample
 from qwen35.data.render import ChatRenderer
+from qwen35.progress import progress as progress_bar
 
 # Bump when the encoding of a sample or the store layout changes, so that old stores are not read.
 ENCODER_VERSION = 2
@@ -156,7 +156,7 @@ def build_store(path: Path, store: Path, tokenizer, *, num_workers: int = 0, on_
     tmp.mkdir()
     records = malformed = tokens = samples = 0
     problems: list[str] = []
-    bar = tqdm(desc=f"tokenising {path.name}", unit=" records", disable=not progress)
+    bar = progress_bar(None, f"tokenising {path.name}", enabled=progress, unit=" records")
     try:
         # closing(): an error stops the worker processes at once
         with (open(tmp / "ids.bin", "wb") as ids_f, open(tmp / "loss.bin", "wb") as loss_f,

@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from qwen35.build import build_model_and_tokenizer, check_model_source
 from qwen35.data.task import build_task, load_eval_examples, score
@@ -53,9 +52,14 @@ def task_accuracy(model, tok, val_path: Path, limit: int | None = None, batch_si
     return score(predictions, [a for _, a in examples])
 
 
+def _is_rank_zero() -> bool:
+    """Rank 0 of a torchrun job, also before the trainer has started the process group."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def say(message: str) -> None:
     """A stage of the built-in run, said once (by rank 0 under torchrun)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_rank_zero():
         print(f"qwen35: {message}", flush=True)
 
 
@@ -89,12 +93,14 @@ def run_default_or_train(cfg: RunConfig):
         return train(cfg)
     torch.manual_seed(cfg.train.seed)  # the trainer draws the same initial weights from this seed
     untrained, tok = build_model_and_tokenizer(cfg, Runtime(torch.device("cpu"), 0, 1, None))
-    say("evaluating the untrained model on the held-out problems")
-    before = task_accuracy(untrained, tok, files.val)
+    before = None
+    if _is_rank_zero():  # under torchrun one rank evaluates; every rank trains
+        say("evaluating the untrained model on the held-out problems")
+        before = task_accuracy(untrained, tok, files.val)
+        say(f"training (untrained held-out exact match {before:.1%})")
     del untrained
-    say(f"training (untrained held-out exact match {before:.1%})")
     result = train(cfg)
-    if result.export_dir is None or (dist.is_initialized() and dist.get_rank() != 0):
+    if result.export_dir is None or not _is_rank_zero():
         return result  # under torchrun rank 0 scores the export, which it alone writes
     if cfg.lora.rank:  # the export is an adapter for the checkpoint at model.path
         trained = load_adapter(Qwen35ForCausalLM.from_pretrained(cfg.model.path), result.export_dir)
