@@ -86,7 +86,7 @@ def test_val_path_and_val_fraction_are_exclusive(tokenizer, tmp_path):
 
 
 def test_a_yaml_list_of_path_weight_mappings_reaches_training(tokenizer, tmp_path):
-    from qwen35.train.config import load_run_config
+    from qwen35.train.config_parser import load_run_config
 
     write_texts(tmp_path / "a.jsonl", "apple", 10)
     write_texts(tmp_path / "b.jsonl", "berry", 10)
@@ -111,7 +111,7 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
 
 
 def test_chat_template_file_and_template_kwargs_reach_the_renderer(tokenizer, tmp_path):
-    from qwen35.train.config import load_run_config
+    from qwen35.train.config_parser import load_run_config
 
     (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")

@@ -164,8 +164,13 @@ def _step_gradients(tmp_path, name, nproc, *extra):
 def _assert_same_gradients(one, other):
     assert abs(one["loss"].item() - other["loss"].item()) <= 1e-6
     assert one["grads"].keys() == other["grads"].keys()
+    whole = torch.cat([g.flatten() for g in one["grads"].values()])
+    assert (torch.cat([other["grads"][n].flatten() for n in one["grads"]]) - whole).norm() <= 1e-5 * whole.norm()
     for name, grad in one["grads"].items():
-        assert ((other["grads"][name] - grad).norm() / grad.norm()).item() <= 1e-5, name
+        # each parameter to 1e-5 of its own norm, or of 1e-3 of the whole gradient's where its
+        # own is tiny (a gradient 1e-6 of the whole differs in float32 summation order alone)
+        scale = max(grad.norm().item(), 1e-3 * whole.norm().item())
+        assert (other["grads"][name] - grad).norm().item() <= 1e-5 * scale, name
 
 
 def test_expert_parallel_on_two_processes_equals_one_process(tmp_path, one_process_moe_gradients):
