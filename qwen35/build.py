@@ -25,6 +25,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from qwen35.errors import UserError
 from qwen35.checkpoint.hf import load_weights, read_model_config
 from qwen35.lora import LoraSettings, apply_lora, lora_parameter_names, quantize_linear_layers, reset_lora_parameters
 from qwen35.model import Qwen35Config, Qwen35ForCausalLM, preset
@@ -41,7 +42,7 @@ from qwen35.train.setup import Runtime
 
 def check_model_source(cfg: RunConfig) -> None:
     if not cfg.model.path and not cfg.model.preset:
-        raise ValueError("no model to train: set model.path to a Hugging Face model directory, or model.preset "
+        raise UserError("no model to train: set model.path to a Hugging Face model directory, or model.preset "
                          "to a named size for random weights (tiny, 0.8B, 9B, ...)")
 
 
@@ -78,7 +79,7 @@ def model_config(cfg: RunConfig, tokenizer) -> Qwen35Config:
         return preset(cfg.model.preset, vocab_size=len(tokenizer), **ids)
     config = preset(cfg.model.preset)  # trained with the run's tokenizer: it must fit, and stop and pad at its ids
     if len(tokenizer) > config.vocab_size:
-        raise ValueError(f"model.preset {cfg.model.preset}: vocab_size {config.vocab_size} is smaller than the "
+        raise UserError(f"model.preset {cfg.model.preset}: vocab_size {config.vocab_size} is smaller than the "
                          f"tokenizer's {len(tokenizer)} entries")
     return dataclasses.replace(config, **ids)
 
@@ -97,15 +98,15 @@ def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
     """The model of `cfg` on `rt`'s device(s), ready to train."""
     qlora = cfg.lora.quantize_base == "nf4"
     if cfg.optim.cpu_offload and rt.world_size > 1:
-        raise ValueError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
+        raise UserError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
     if qlora and rt.world_size > 1:
-        raise ValueError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
+        raise UserError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
     if cfg.parallel.ep < 1:
-        raise ValueError(f"parallel.ep must be >= 1, got {cfg.parallel.ep}")
+        raise UserError(f"parallel.ep must be >= 1, got {cfg.parallel.ep}")
     if cfg.parallel.ep > 1 and rt.world_size % cfg.parallel.ep:
-        raise ValueError(f"parallel.ep ({cfg.parallel.ep}) must divide the number of ranks ({rt.world_size})")
+        raise UserError(f"parallel.ep ({cfg.parallel.ep}) must divide the number of ranks ({rt.world_size})")
     if cfg.parallel.ep > 1 and cfg.lora.target_parameters:
-        raise ValueError("parallel.ep with lora.target_parameters (adapters on the routed experts) is not built")
+        raise UserError("parallel.ep with lora.target_parameters (adapters on the routed experts) is not built")
 
     # 1. config, 2. the model on the meta device, in the dtype it will train in
     config = model_config(cfg, tokenizer)

@@ -37,7 +37,7 @@ def test_a_run_without_a_model_exits_at_once_naming_what_to_set(tmp_path, flags,
     proc = subprocess.run([sys.executable, "-m", "qwen35", "train", *flags], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     elapsed = time.perf_counter() - start
-    assert proc.returncode != 0
-    assert all(name in proc.stderr for name in names), proc.stderr[-2000:]
+    assert proc.returncode == 2  # a user error: one message, no traceback
+    assert all(name in proc.stderr for name in names) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "outputs").exists()  # nothing built, nothing trained
     assert elapsed < 300  # seconds on an idle machine; the bound leaves room for a busy one

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from qwen35.errors import UserError
 from qwen35.model.config import Qwen35Config, read_config_json
 from qwen35.parallel import is_rank_zero
 
@@ -46,7 +47,7 @@ class CheckpointOrigin:
     carried: dict[str, str] = field(default_factory=dict)  # carried key -> file name
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from qwen35.errors import UserError
 from qwen35.data.dataset import build_datasets
 from qwen35.data.loader import PackedLoader
 from qwen35 import ops
@@ -67,10 +68,10 @@ class Runtime:
                                     device_id=device if device.type == "cuda" else None)
         sp, cp, row_group = cfg.parallel.sp, cfg.parallel.cp, None
         if sp > 1 and cp > 1:
-            raise ValueError("parallel.sp and parallel.cp cannot both be > 1 (not built yet)")
+            raise UserError("parallel.sp and parallel.cp cannot both be > 1 (not built yet)")
         for key, n in (("parallel.sp", sp), ("parallel.cp", cp)):
             if n < 1 or world_size % n:
-                raise ValueError(f"{key} ({n}) must be >= 1 and divide the number of processes ({world_size})")
+                raise UserError(f"{key} ({n}) must be >= 1 and divide the number of processes ({world_size})")
         if sp * cp > 1:
             row_group = parallel_mesh(device.type, sp * cp)["seq"].get_group()
         wants_bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and device.type == "cuda")
