@@ -11,7 +11,8 @@ rank's slice of each tensor. The order is torchtitan's; each step is a free func
 package that owns it (`qwen35.lora`, `qwen35.parallel`), and none of them knows about the others.
 
 One exception, said where it happens: a QLoRA base quantizes real weights, so it is loaded and
-quantized before its adapters are added. QLoRA runs on one device, so nothing is sharded then.
+quantized before its adapters are added (the routed experts expert by expert as they are read,
+the linear layers once loaded). QLoRA runs on one device, so nothing is sharded then.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from torch.distributed.tensor import DTensor
 
 from qwen35.errors import UserError
 from qwen35.checkpoint.hf import load_weights, read_model_config
-from qwen35.lora import LoraSettings, apply_lora, lora_parameter_names, quantize_linear_layers, reset_lora_parameters
+from qwen35.lora import (LoraSettings, apply_lora, lora_parameter_names, quantize_experts, quantize_linear_layers,
+                         reset_lora_parameters)
 from qwen35.model import Qwen35Config, Qwen35ForCausalLM, preset
 from qwen35.model.config import SIZED_FOR_TOKENIZER
 from qwen35.parallel.checkpointing import apply_activation_checkpointing
@@ -116,6 +118,7 @@ def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
 
     # 3. quantization and adapters
     if qlora:  # NF4 quantizes real weights: the base gets its memory and weights first
+        quantize_experts(model)  # 4-bit storage of the routed experts, filled expert by expert as read
         _materialize(model, rt.device)
         load_weights(model, cfg.model.path)
         quantize_linear_layers(model, rt.autocast_dtype or torch.float32)

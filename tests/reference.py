@@ -173,3 +173,12 @@ def hf_vl_media_model(moe: bool = False, seed: int = 0):
             if name.startswith("model.visual.") and name.endswith("bias"):
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def random_adapters(model, std: float = 0.05) -> None:
+    """Every adapter weight drawn from a seed of its name (B included, which starts at zero), so
+    an adapter changes the output and two models with the same targets get the same adapters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * std)

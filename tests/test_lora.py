@@ -3,7 +3,7 @@
 import torch
 from peft import PeftModel
 
-from reference import hf_text_model, ours_from_hf
+from reference import hf_text_model, ours_from_hf, random_adapters
 from qwen35 import Qwen35ForCausalLM
 from qwen35.lora import LoraSettings, apply_lora, load_adapter, merge_lora, save_adapter
 from qwen35.train.optim import build_optimizer
@@ -135,10 +135,7 @@ def test_qlora_base_is_nf4_and_equals_its_dequantized_weights_plus_adapter(tmp_p
     settings = LoraSettings(rank=4, alpha=8, target_modules=TARGETS)
     for model in (qlora, plain):
         apply_lora(model, settings)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        random_adapters(model)
     ids = _ids()
     out = qlora(ids, labels=ids)
     with torch.no_grad():

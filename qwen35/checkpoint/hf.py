@@ -146,7 +146,7 @@ def _plan(model, model_dir: Path, skip) -> _LoadPlan:
     files = weight_files(model_dir)
     vision_language = "text_config" in raw or any(k.startswith(VL_TEXT_PREFIX) for k in files)
     origin = CheckpointOrigin(model_dir, raw, vision_language)
-    expected = {n: p for n, p in model.named_parameters() if n not in skip}  # tied weights appear once
+    expected = {n: p for n, p in loadable_tensors(model).items() if n not in skip}  # tied weights appear once
     sources: dict[str, list[tuple[str, str, tuple]]] = {}
     unexpected, wrong_shapes = [], []
     for key, file in files.items():
@@ -184,7 +184,7 @@ def load_weights(model, model_dir, skip=frozenset()) -> None:
     `skip` must be in the checkpoint. Remembers what an export needs in `model.origin`."""
     model_dir = Path(model_dir).expanduser()
     plan = _plan(model, model_dir, skip)
-    params = dict(model.named_parameters())
+    params = loadable_tensors(model)
     with torch.no_grad():
         for file in sorted(files_of(plan.sources)):
             with _open(model_dir / file) as f:
@@ -218,6 +218,14 @@ def load_pretrained(cls, model_dir, dtype: torch.dtype | None = None, device=Non
     return model
 
 
+def loadable_tensors(model) -> dict:
+    """What a checkpoint fills, by name: the parameters, and the modules that take their weight
+    piece by piece (`load_piece`: the 4-bit routed experts of a QLoRA base, quantized as read)."""
+    tensors = dict(model.named_parameters())
+    tensors.update({n: m for n, m in model.named_modules() if hasattr(m, "load_piece")})
+    return tensors
+
+
 def files_of(sources) -> set[str]:
     return {file for pieces in sources.values() for file, _, _ in pieces}
 
@@ -232,6 +240,9 @@ def _fill(param: torch.Tensor, index: tuple, stored) -> None:
     `index` places the stored tensor inside the parameter (`()`: all of it; `(e, ...)`: expert
     e). FSDP shards dimension 0, so an expert's piece is either wholly on this rank or not.
     """
+    if hasattr(param, "load_piece"):
+        param.load_piece(index, stored[:])
+        return
     if not isinstance(param, DTensor):
         param[index].copy_(stored[:])
         return

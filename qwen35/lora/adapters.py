@@ -25,7 +25,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen35 import ops
+from qwen35.lora.nf4_experts import NF4ExpertWeight, QuantizedExperts, expert_weight
 from qwen35.model.moe import Experts
+from qwen35.ops.autocast import compute_dtype
 
 
 @dataclass
@@ -52,16 +54,18 @@ def _targets(model: nn.Module, suffixes: list[str]) -> list[tuple[str, nn.Linear
 
 
 def _parameter_targets(model: nn.Module, suffixes: list[str]) -> list[tuple[str, str]]:
-    """(module name, parameter name) for each parameter whose full name ends with one of
-    `suffixes` (`mlp.experts.gate_up_proj`), in `suffixes` order."""
+    """(module name, parameter name) for each routed-expert weight whose full name ends with one
+    of `suffixes` (`mlp.experts.gate_up_proj`), in `suffixes` order: 3-D parameters, or the
+    4-bit expert weights of a QLoRA base."""
+    weights = [n for n, p in model.named_parameters() if p.dim() == 3]
+    weights += [n for n, m in model.named_modules() if isinstance(m, NF4ExpertWeight)]
     found = []
     for suffix in suffixes:
-        hits = [n.rpartition(".") for n, p in model.named_parameters()
-                if p.dim() == 3 and (n == suffix or n.endswith("." + suffix))]
+        hits = [n.rpartition(".") for n in weights if n == suffix or n.endswith("." + suffix)]
         if not hits:
             raise ValueError(f"lora.target_parameters: {suffix!r} matches no 3-D parameter of the model")
         found += [(module, name) for module, _, name in hits]
-    if any(not isinstance(model.get_submodule(m), Experts) for m, _ in found):
+    if any(not isinstance(model.get_submodule(m), (Experts, QuantizedExperts)) for m, _ in found):
         raise ValueError(f"lora.target_parameters {suffixes}: only the routed experts take parameter adapters")
     return found
 
@@ -86,16 +90,19 @@ class ExpertAdapter(nn.Module):
 
 
 class AdaptedExperts(Experts):
-    """The routed experts with adapters on their weights: the same two parameters (same names),
-    each mapped through its adapter in `weight_adapters` before the experts run."""
+    """The routed experts with adapters on their weights: the same two weights (same names:
+    parameters, or the 4-bit weights of a QLoRA base, dequantized first), each mapped through its
+    adapter in `weight_adapters` before the experts run."""
 
-    def __init__(self, base: Experts):
-        nn.Module.__init__(self)  # the parameters are the base's, not new ones
+    def __init__(self, base: Experts | QuantizedExperts):
+        nn.Module.__init__(self)  # the weights are the base's, not new ones
         self.gate_up_proj, self.down_proj = base.gate_up_proj, base.down_proj
         self.weight_adapters = nn.ModuleDict()
 
     def forward(self, x_ND, weights_NK, experts_NK):
-        gate_up, down = (self.weight_adapters[n](w) if n in self.weight_adapters else w
+        dtype = compute_dtype(x_ND)
+        gate_up, down = (self.weight_adapters[n](expert_weight(w, dtype)) if n in self.weight_adapters
+                         else expert_weight(w, dtype)
                          for n, w in (("gate_up_proj", self.gate_up_proj), ("down_proj", self.down_proj)))
         return ops.routed_experts(x_ND, weights_NK, experts_NK, gate_up, down)
 

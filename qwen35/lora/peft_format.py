@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from qwen35.lora.nf4_experts import NF4ExpertWeight
 from qwen35.lora.adapters import AdaptedExperts, LoraSettings, apply_lora, lora_parameter_names, replace_module
 from qwen35.parallel import is_rank_zero
 
@@ -94,6 +95,9 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Folds every adapter into its base weight (`W += scale * B @ A`) and removes it."""
+    if any(isinstance(m, NF4ExpertWeight) for m in model.modules()):
+        raise ValueError("cannot merge an adapter into 4-bit routed experts: merge into the float base "
+                         "(`qwen35 merge` loads it from the checkpoint)")
     for module_name, module in list(model.named_modules()):
         if isinstance(module, AdaptedExperts):
             for name, adapter in module.weight_adapters.items():

@@ -143,6 +143,33 @@ def test_qlora_run_learns_and_resumes_from_adapter_only_checkpoints(tmp_path):
     assert (resumed.export_dir / "adapter_model.safetensors").is_file()
 
 
+def test_moe_qlora_run_with_4bit_experts_and_expert_adapters_learns_and_resumes(tmp_path, monkeypatch):
+    from qwen35.lora.nf4_experts import NF4ExpertWeight
+
+    quantized = []  # (expert, shape) of each expert matrix quantized while the base loads
+    original = NF4ExpertWeight.quantize_expert
+    monkeypatch.setattr(NF4ExpertWeight, "quantize_expert",
+                        lambda self, e, w: (quantized.append((e, tuple(w.shape))), original(self, e, w)))
+
+    flags = ["--lora.rank", "8", "--lora.alpha", "16", "--lora.quantize_base", "nf4", "--train.save_steps", "6",
+             "--checkpoint.keep_last", "0", "--lora.target_modules", "[q_proj, in_proj_qkv, out_proj]",
+             "--lora.target_parameters", "[mlp.experts.gate_up_proj, mlp.experts.down_proj]"]
+    full = train(run_config(tmp_path, *flags, moe=True))
+    layers, experts = 4, 4  # the tiny MoE checkpoint's
+    assert len(quantized) == 2 * layers * experts and {e for e, _ in quantized} == set(range(experts))
+    curve = losses(full.output_dir)
+    assert curve[12] < curve[1] - 0.2
+    resumed = train(run_config(tmp_path, *flags, "--train.output_dir", str(tmp_path / "resumed"),
+                               "--train.resume", str(full.output_dir / "checkpoints" / "step_00000006"), moe=True))
+    got = losses(resumed.output_dir)
+    assert sorted(got) == list(range(7, 13))
+    assert all(abs(got[s] - curve[s]) <= 1e-6 * curve[s] for s in got)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(resumed.export_dir / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in saved  # PEFT's layout
+
+
 def test_cpu_offloaded_optimizer_run_learns_with_bf16_weights_and_resumes_identically(tmp_path):
     flags = ["--optim.cpu_offload", "true", "--model.dtype", "bfloat16", "--train.save_steps", "6",
              "--checkpoint.keep_last", "0"]
