@@ -2,10 +2,13 @@
 
 - gated delta rule: flash-linear-attention's `chunk_gated_delta_rule` (varlen through
   `cu_seqlens`, q/k L2-normalised in the kernel, more value than key heads handled natively
-  (GVA), initial and final states per document `[N, Hv, Dk, Dv]` in float32).
+  (GVA), initial and final states per document `[N, Hv, Dk, Dv]` in float32). A decoding step
+  (a plain batch of one token each) takes fla's `fused_recurrent_gated_delta_rule` instead: one
+  kernel, no host sync, so it can be captured in a CUDA graph.
 - causal conv1d + SiLU: fla's triton `causal_conv1d` (channels last, varlen). fla keeps the
   conv state as the last K inputs `[N, C, K]`; ours is the last K-1 `[N, C, K-1]`, so the state
-  is padded on the way in and trimmed on the way out (fla never reads its oldest column).
+  is padded on the way in and trimmed on the way out (fla never reads its oldest column). A
+  decoding step (one token, a plain batch) is the reference's single small conv: no host sync.
 - gated RMSNorm: fla's fused `rms_norm_gated` (`w * norm(x) * silu(z)`, one pass, eps passed).
 - causal softmax attention: `torch.nn.attention.varlen.varlen_attn` (flash attention on packed
   `[T, H, D]`), causal through `window_size=(-1, 0)`; kv heads are repeated where this torch has
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 from fla.modules.causal_conv1d import causal_conv1d as _fla_causal_conv1d
 from fla.modules.norm.fused_norm_gate import rms_norm_gated as _fla_rms_norm_gated
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
+from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as _fla_recurrent_gated_delta_rule
 from torch.nn.attention.varlen import varlen_attn
 
 from qwen35.ops import attention as _attention
@@ -115,6 +119,8 @@ def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, outp
     if not _on_gpu(q, k, v):
         return _delta_rule.gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state)
     batch, length = v.shape[:2]
+    if cu_seqlens is None and length == 1:
+        return _recurrent_step(q, k, v, g, beta, initial_state, output_final_state)
     (q, k, v, g, beta), cu, cu_cpu = _as_packed(cu_seqlens, q, k, v, g, beta)
     o, state = _fla_chunk_gated_delta_rule(
         q, k, v, g.float(), beta,
@@ -127,13 +133,24 @@ def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, outp
     return o.view(batch, length, *o.shape[2:]), (state if output_final_state else None)
 
 
+def _recurrent_step(q, k, v, g, beta, initial_state, output_final_state):
+    """One token per sequence through fla's fused recurrent kernel (graph-capturable)."""
+    o, state = _fla_recurrent_gated_delta_rule(  # by keyword: later fla releases add arguments before beta
+        q=q, k=k, v=v, g=g.float(), beta=beta,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=True,
+    )
+    return o, (state if output_final_state else None)
+
+
 # --- causal conv1d --------------------------------------------------------------------------
 
 
 @torch.compiler.disable
 def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_state=False):
     """fla's triton conv with SiLU; see `qwen35.ops.conv.causal_conv1d` for the contract."""
-    if not _on_gpu(x):
+    if not _on_gpu(x) or (cu_seqlens is None and x.shape[1] == 1):
         return _conv.causal_conv1d(x, weight, cu_seqlens, initial_state, output_final_state)
     fla_state = None if initial_state is None else F.pad(initial_state.to(x.dtype), (1, 0)).contiguous()
     shape = x.shape
