@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def run_ours(model, name, prompts: torch.Tensor, new_tokens: int, device) -> Res
         del engine
     except torch.OutOfMemoryError:
         result.status = "OOM"
+    except Exception as e:  # one failing case must not cost the others' numbers
+        traceback.print_exc()
+        result.status = f"error: {type(e).__name__}: {e}"[:200]
     return result
 
 
@@ -151,6 +155,9 @@ def run_peer(peer, name, prompts: torch.Tensor, new_tokens: int, device) -> Resu
         result.peak_gib = _peak_gib(device)
     except torch.OutOfMemoryError:
         result.status = "OOM"
+    except Exception as e:
+        traceback.print_exc()
+        result.status = f"error: {type(e).__name__}: {e}"[:200]
     return result
 
 
@@ -262,7 +269,13 @@ def main(argv=None) -> list[Result]:
         del peer
         if run_grpo and grpo is None:
             prompts = random_prompts(config.vocab_size, grpo_prompts, prompt_len, seed=1)
-            grpo = grpo_step_times(model, prompts, args.grpo_samples, new_tokens, args.grpo_micro_tokens, device)
+            try:
+                grpo = grpo_step_times(model, prompts, args.grpo_samples, new_tokens, args.grpo_micro_tokens, device)
+            except Exception as e:
+                traceback.print_exc()
+                grpo = {"error": f"{type(e).__name__}: {e}"[:200]}
+                print(f"GRPO step failed: {grpo['error']}", flush=True)
+                continue
             total = grpo["rollout_s"] + grpo["logprob_s"] + grpo["update_s"]
             print(f"GRPO step, {name}, {grpo_prompts} prompts x {args.grpo_samples} samples, prompt {prompt_len} + "
                   f"response {new_tokens}: rollout {grpo['rollout_s']:.2f} s, log-probs {grpo['logprob_s']:.2f} s, "

@@ -30,7 +30,7 @@ def test_greedy_equals_generate_and_the_full_forward_argmax(model, prompts):
     # two slots for seven prompts: slots are refilled as sequences end; buckets of 4 positions
     engine = DecodeEngine(model, num_slots=2, max_length=32, attention_bucket=4)
     tokens, _ = engine.generate(prompts, max_new_tokens=12)
-    assert tokens == generate(model, prompts, max_new_tokens=12, eos_token_id=None)
+    assert tokens == generate(model, prompts, max_new_tokens=12, eos_token_id=[])
     for prompt, completion in zip(prompts, tokens):
         with torch.no_grad():
             logits = model(torch.tensor([prompt + completion])).logits[0]
