@@ -98,7 +98,8 @@ class _DecodeDeltaNet:
 
     def update(self, conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> None:
         self.conv_state.copy_(conv_state)
-        self.recurrent_state.copy_(recurrent_state)
+        if recurrent_state is not self.recurrent_state:  # the decoding step updates it in place
+            self.recurrent_state.copy_(recurrent_state)
 
 
 class DecodeView:

@@ -28,6 +28,12 @@ def test_fla_decode_step_equals_the_reference_recurrence(fast_backend):
     o_ref, final_ref = recurrent_gated_delta_rule(q, k, v, g, beta, state)
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
+    in_place = state.clone()
+    o_step = ops.gated_delta_rule_step_(q, k, v, g, beta, in_place)
+    torch.testing.assert_close(o_step, o_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(in_place, final_ref, rtol=1e-4, atol=1e-4)
+    from qwen35.ops import fast
+    print(f"decode step in place through fla's kernel: {fast._STEP_IN_PLACE}")
 
 
 def _model(dtype):
