@@ -99,7 +99,11 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(batch, length, key_heads, self.head_k_dim)
         v = v.reshape(batch, length, value_heads, self.head_v_dim)
 
-        o, recurrent_state = self.delta_rule(q, k, v, g, beta, cu_seqlens, recurrent_state, want_state)
+        if recurrent_state is not None and length == 1 and cu_seqlens is None:
+            # a decoding step: the cached state is updated in place (one read and one write of it)
+            o = ops.gated_delta_rule_step_(q, k, v, g, beta, recurrent_state)
+        else:
+            o, recurrent_state = self.delta_rule(q, k, v, g, beta, cu_seqlens, recurrent_state, want_state)
         if cache is not None:
             cache.update(conv_state, recurrent_state)
         return o

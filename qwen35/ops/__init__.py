@@ -1,6 +1,6 @@
 """The kernel seam: every heavy op the model calls, chosen in this one place.
 
-The model calls `ops.gated_delta_rule`, `ops.causal_conv1d`, `ops.causal_attention`,
+The model calls `ops.gated_delta_rule` (and `ops.gated_delta_rule_step_` to decode), `ops.causal_conv1d`, `ops.causal_attention`,
 `ops.gated_rms_norm`, `ops.linear_cross_entropy` and `ops.routed_experts`; each resolves to the torch reference
 (readable, runs anywhere, the ground truth of the tests) or, once selected with
 `use_backend("fast")`, to the GPU kernels of `qwen35.ops.fast` (flash-linear-attention, torch's
@@ -38,6 +38,7 @@ BACKENDS = ("reference", "fast")
 
 _REFERENCE = {
     "gated_delta_rule": _delta_rule.gated_delta_rule,
+    "gated_delta_rule_step_": _delta_rule.gated_delta_rule_step_,
     "causal_conv1d": _conv.causal_conv1d,
     "causal_attention": _attention.causal_attention,
     "gated_rms_norm": _norm.gated_rms_norm,
@@ -110,6 +111,11 @@ def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, outp
     return _active["gated_delta_rule"](q, k, v, g, beta, cu_seqlens, initial_state, output_final_state)
 
 
+def gated_delta_rule_step_(q, k, v, g, beta, state):
+    """A decoding step: one token per sequence, `state` (float32) updated in place; returns o."""
+    return _active["gated_delta_rule_step_"](q, k, v, g, beta, state)
+
+
 def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_state=False):
     return _active["causal_conv1d"](x, weight, cu_seqlens, initial_state, output_final_state)
 
@@ -136,7 +142,7 @@ def routed_experts(x_ND, weights_NK, experts_NK, gate_up_EIH, down_EHI):
 
 __all__ = [
     "BACKENDS", "DELTA_RULE_KERNELS", "use_backend", "current_backend", "current_delta_rule_kernel",
-    "gated_delta_rule", "causal_conv1d",
+    "gated_delta_rule", "gated_delta_rule_step_", "causal_conv1d",
     "causal_attention", "gated_rms_norm", "linear_cross_entropy", "routed_experts", "cached_attention",
     "gated_delta_rule_in_slices",
 ]

@@ -41,12 +41,20 @@ def cached_attention(q, k_cache, v_cache, lengths, scale=None):
     q `[B, T, H, D]` are the newest T tokens of each sequence; `k_cache`/`v_cache`
     `[B, L, Hkv, D]` already hold them; sequence b's valid keys are `[0, lengths[b])`. Query i of
     sequence b sits at position `lengths[b] - T + i` and sees the keys up to it.
+
+    The query heads of one kv head are laid out as that head's queries (`[B, Hkv, G*T, D]`), so
+    the cache is read as it is stored: repeating it per query head would copy all of it, at every
+    step, for every attention layer (gigabytes at a few hundred sequences of a few thousand tokens).
     """
-    groups = q.shape[2] // k_cache.shape[2]
-    steps = q.shape[1]
+    batch, steps, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    groups = heads // kv_heads
     key_pos = torch.arange(k_cache.shape[1], device=q.device)
     query_pos = lengths[:, None] - steps + torch.arange(steps, device=q.device)
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, T, L]
-    k, v = (x.transpose(1, 2).repeat_interleave(groups, dim=1) for x in (k_cache, v_cache))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None], scale=scale)
-    return out.transpose(1, 2)
+    # query row (g, t) of kv head h is query head h * G + g at step t
+    q = q.view(batch, steps, kv_heads, groups, dim).permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * steps, dim)
+    mask = mask[:, None, None].expand(-1, 1, groups, -1, -1).reshape(batch, 1, groups * steps, -1)
+    k, v = (x.transpose(1, 2) for x in (k_cache, v_cache))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G*T, D]
+    return out.view(batch, kv_heads, groups, steps, dim).permute(0, 3, 1, 2, 4).reshape(batch, steps, heads, dim)

@@ -130,3 +130,12 @@ def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, outp
     padded, index = zip(*(pad_documents(x, cu_seqlens) for x in (q, k, v, g, beta)))
     o, state = chunked_gated_delta_rule(*padded, initial_state)
     return unpad_documents(o, index[0]), (state if output_final_state else None)
+
+
+def gated_delta_rule_step_(q, k, v, g, beta, state):
+    """One decoding step (T == 1) of a plain batch, the state `[B, Hv, Dk, Dv]` (float32) updated
+    in place; returns o `[B, 1, Hv, Dv]`. In place so that a decoder keeps one state buffer per
+    sequence and a step moves the state once (read, write), not twice (and a CUDA graph can own it)."""
+    o, new_state = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    state.copy_(new_state)
+    return o

@@ -2,10 +2,18 @@
 
 - gated delta rule: flash-linear-attention's `chunk_gated_delta_rule` (varlen through
   `cu_seqlens`, q/k L2-normalised in the kernel, more value than key heads handled natively
-  (GVA), initial and final states per document `[N, Hv, Dk, Dv]` in float32).
+  (GVA), initial and final states per document `[N, Hv, Dk, Dv]` in float32). A decoding step
+  (a plain batch of one token each) takes fla's `fused_recurrent_gated_delta_rule` instead: one
+  kernel, no host sync, so it can be captured in a CUDA graph. `gated_delta_rule_step_` launches
+  that kernel itself with the state as both its input and its output: each program reads its tile
+  of the state before it writes the same tile, so the update is in place and a step moves the
+  recurrent state once (the largest memory traffic of a decode step at a few hundred sequences).
+  The launch names fla 0.6.0's kernel arguments; a release whose kernel differs takes fla's
+  function and a copy instead.
 - causal conv1d + SiLU: fla's triton `causal_conv1d` (channels last, varlen). fla keeps the
   conv state as the last K inputs `[N, C, K]`; ours is the last K-1 `[N, C, K-1]`, so the state
-  is padded on the way in and trimmed on the way out (fla never reads its oldest column).
+  is padded on the way in and trimmed on the way out (fla never reads its oldest column). A
+  decoding step (one token, a plain batch) is the reference's single small conv: no host sync.
 - gated RMSNorm: fla's fused `rms_norm_gated` (`w * norm(x) * silu(z)`, one pass, eps passed).
 - causal softmax attention: `torch.nn.attention.varlen.varlen_attn` (flash attention on packed
   `[T, H, D]`), causal through `window_size=(-1, 0)`; kv heads are repeated where this torch has
@@ -38,9 +46,12 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+import triton
 from fla.modules.causal_conv1d import causal_conv1d as _fla_causal_conv1d
 from fla.modules.norm.fused_norm_gate import rms_norm_gated as _fla_rms_norm_gated
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
+from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as _fla_recurrent_gated_delta_rule
+from fla.ops.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd_kernel as _fla_recurrent_kernel
 from torch.nn.attention.varlen import varlen_attn
 
 from qwen35.ops import attention as _attention
@@ -115,6 +126,8 @@ def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, outp
     if not _on_gpu(q, k, v):
         return _delta_rule.gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state)
     batch, length = v.shape[:2]
+    if cu_seqlens is None and length == 1:
+        return _recurrent_step(q, k, v, g, beta, initial_state, output_final_state)
     (q, k, v, g, beta), cu, cu_cpu = _as_packed(cu_seqlens, q, k, v, g, beta)
     o, state = _fla_chunk_gated_delta_rule(
         q, k, v, g.float(), beta,
@@ -127,13 +140,59 @@ def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, outp
     return o.view(batch, length, *o.shape[2:]), (state if output_final_state else None)
 
 
+def _recurrent_step(q, k, v, g, beta, initial_state, output_final_state):
+    """One token per sequence through fla's fused recurrent kernel (graph-capturable)."""
+    o, state = _fla_recurrent_gated_delta_rule(  # by keyword: later fla releases add arguments before beta
+        q=q, k=k, v=v, g=g.float(), beta=beta,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=True,
+    )
+    return o, (state if output_final_state else None)
+
+
+# the kernel arguments `gated_delta_rule_step_` passes (fla 0.6.0's kernel)
+_STEP_KERNEL_ARGS = {
+    "q", "k", "v", "g", "gk", "gv", "beta", "A_log", "dt_bias", "o", "h0", "ht", "cu_seqlens", "scale", "T",
+    "H", "HV", "K", "V", "BK", "BV", "USE_QK_L2NORM_IN_KERNEL", "IS_BETA_HEADWISE", "STATE_V_FIRST",
+    "APPLY_BETA_SIGMOID", "ALLOW_NEG_EIGVAL",
+}
+_STEP_IN_PLACE = _STEP_KERNEL_ARGS <= set(getattr(_fla_recurrent_kernel, "arg_names", ()))
+
+
+@torch.compiler.disable
+def gated_delta_rule_step_(q, k, v, g, beta, state):
+    """fla's recurrent kernel over one token, `state` updated in place (see the module docstring)."""
+    if not _on_gpu(q, k, v, state):
+        return _delta_rule.gated_delta_rule_step_(q, k, v, g, beta, state)
+    if not (_STEP_IN_PLACE and state.dtype == torch.float32 and state.is_contiguous()):
+        o, new_state = _recurrent_step(q, k, v, g, beta, state, True)
+        state.copy_(new_state)
+        return o
+    batch, length, key_heads, key_dim = q.shape
+    value_heads, value_dim = v.shape[2:]
+    assert length == 1, "a decoding step is one token per sequence"
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    o = torch.empty_like(v)
+    block_v = min(8, triton.next_power_of_2(value_dim))
+    grid = (triton.cdiv(value_dim, block_v) * batch * value_heads,)
+    _fla_recurrent_kernel[grid](
+        q=q, k=k, v=v, g=g.float().contiguous(), gk=None, gv=None, beta=beta, A_log=None, dt_bias=None, o=o,
+        h0=state, ht=state, cu_seqlens=None, scale=key_dim**-0.5, T=1, H=key_heads, HV=value_heads, K=key_dim,
+        V=value_dim, BK=triton.next_power_of_2(key_dim), BV=block_v, USE_QK_L2NORM_IN_KERNEL=True,
+        IS_BETA_HEADWISE=True, STATE_V_FIRST=False, APPLY_BETA_SIGMOID=False, ALLOW_NEG_EIGVAL=False,
+        num_warps=1, num_stages=3,
+    )
+    return o
+
+
 # --- causal conv1d --------------------------------------------------------------------------
 
 
 @torch.compiler.disable
 def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_state=False):
     """fla's triton conv with SiLU; see `qwen35.ops.conv.causal_conv1d` for the contract."""
-    if not _on_gpu(x):
+    if not _on_gpu(x) or (cu_seqlens is None and x.shape[1] == 1):
         return _conv.causal_conv1d(x, weight, cu_seqlens, initial_state, output_final_state)
     fla_state = None if initial_state is None else F.pad(initial_state.to(x.dtype), (1, 0)).contiguous()
     shape = x.shape
@@ -275,6 +334,7 @@ def linear_cross_entropy(hidden_ND, weight_VD, targets_N, chunk_tokens: int = CE
 
 OPS = {
     "gated_delta_rule": gated_delta_rule,
+    "gated_delta_rule_step_": gated_delta_rule_step_,
     "causal_conv1d": causal_conv1d,
     "causal_attention": causal_attention,
     "gated_rms_norm": gated_rms_norm,

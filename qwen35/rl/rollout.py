@@ -1,7 +1,8 @@
 """Rollouts: `n_samples_per_prompt` completions of each prompt from the policy being trained.
 
-The engine is the model's own decoding (`qwen35.generate`): the policy's current parameters, no
-copy and no weight sync. Each completion comes with the log-probability of each of its tokens
+The engine is `qwen35.engine.DecodeEngine` over the model's own layers: the policy's current
+parameters, no copy and no weight sync; `batch_size` slots decoded together, a finished sequence's
+slot refilled at once by a waiting one (continuous batching), decode steps as CUDA graphs on a GPU. Each completion comes with the log-probability of each of its tokens
 under `softmax(logits / temperature)` (before top-k/top-p filtering), the quantity the training
 forward computes for the same tokens (`qwen35.rl.logprobs`); the two differ only by the
 arithmetic of incremental versus full-sequence evaluation, which the loss then sees as the
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen35.generate import generate
+from qwen35.engine import DecodeEngine
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     max_response_length: int = 256
     stop_token_ids: tuple[int, ...] = ()  # besides the model's eos
-    batch_size: int = 256  # sequences decoded together
+    batch_size: int = 256  # sequences decoded together (the engine's slots)
 
     def __post_init__(self):
         if self.n_samples_per_prompt < 1:
@@ -57,20 +58,18 @@ def stop_tokens(model, cfg: SamplingConfig) -> list[int]:
 def sample_rollout(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                    generator: torch.Generator | None = None) -> Rollout:
     """Samples `cfg.n_samples_per_prompt` completions per prompt, `cfg.batch_size` sequences at
-    a time, with the model in eval mode (restored afterwards)."""
+    a time, with the model in eval mode (restored afterwards). The engine's buffers live for this
+    call only, so training gets the memory back."""
     stops = stop_tokens(model, cfg)
     samples = [list(p) for p in prompts for _ in range(cfg.n_samples_per_prompt)]
     was_training = model.training
     model.eval()
-    completions, logprobs = [], []
     try:
-        for start in range(0, len(samples), cfg.batch_size):
-            tokens, values = generate(
-                model, samples[start : start + cfg.batch_size], max_new_tokens=cfg.max_response_length,
-                do_sample=cfg.temperature > 0, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                eos_token_id=stops, generator=generator, return_logprobs=True)
-            completions += tokens
-            logprobs += values
+        engine = DecodeEngine(model, num_slots=min(cfg.batch_size, len(samples)),
+                              max_length=max(map(len, samples), default=1) + cfg.max_response_length)
+        completions, logprobs = engine.generate(
+            samples, cfg.max_response_length, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            stop_token_ids=stops, generator=generator)
     finally:
         model.train(was_training)
     truncated = [not (c and c[-1] in stops) for c in completions]

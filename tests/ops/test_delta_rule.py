@@ -97,3 +97,17 @@ def test_slices_really_start_from_the_carried_state():
     sliced = gated_delta_rule_in_slices(forgetful, *inputs, cu, 16)
     assert not torch.allclose(sliced[:, 16:], whole[:, 16:], atol=1e-3)
     torch.testing.assert_close(sliced[:, :16], whole[:, :16])
+
+
+def test_decoding_step_updates_the_state_in_place_as_the_recurrence_does():
+    from qwen35.ops.delta_rule import gated_delta_rule_step_, recurrent_gated_delta_rule
+
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(3, 1, 2, 8, generator=gen) for _ in range(2))
+    v = torch.randn(3, 1, 4, 8, generator=gen)
+    g, beta = -torch.rand(3, 1, 4, generator=gen), torch.rand(3, 1, 4, generator=gen)
+    state = torch.randn(3, 4, 8, 8, generator=gen)
+    o_ref, final_ref = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    buffer = state.clone()
+    o = gated_delta_rule_step_(q, k, v, g, beta, buffer)
+    assert torch.equal(o, o_ref) and torch.equal(buffer, final_ref)
