@@ -124,3 +124,21 @@ def test_a_user_error_prints_one_line_and_exits_2_and_debug_shows_the_traceback(
     assert proc.stderr.strip() == "error: command line: unknown key 'train.max_step'; did you mean train.max_steps?"
     proc = subprocess.run(bad + ["--debug"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "did you mean train.max_steps" in proc.stderr
+
+
+@pytest.mark.parametrize("steps, nonfinite, saved", [(3, "at the end of the run (steps 2 to 3", 3),
+                                                     (6, "for 5 steps in a row (steps 2 to 6", 5)])
+def test_a_learning_rate_that_blows_up_exits_3_naming_the_steps_and_the_last_checkpoint_and_exports_nothing(
+        tmp_path, steps, nonfinite, saved):
+    """The real command, no injected NaN: step 1 at lr 2.5e4 (warmup) leaves weights whose loss is NaN."""
+    flags = run_flags(tmp_path, *FAST[:2], "--optim.lr", "5e4", "--train.max_steps", str(steps),
+                      "--train.save_steps", "1", "--checkpoint.keep_last", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qwen35", "train", *flags], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    # Skipped steps change no weight, so the checkpoints during them hold step 1's weights; none is "final".
+    last = tmp_path / "run" / "checkpoints" / f"step_{saved:08d}"
+    assert err.startswith("error: training diverged") and nonfinite in err and f"last checkpoint is {last}" in err
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "final.partial").exists()
