@@ -142,3 +142,29 @@ def test_a_learning_rate_that_blows_up_exits_3_naming_the_steps_and_the_last_che
     last = tmp_path / "run" / "checkpoints" / f"step_{saved:08d}"
     assert err.startswith("error: training diverged") and nonfinite in err and f"last checkpoint is {last}" in err
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "final.partial").exists()
+
+
+def test_an_export_cut_short_leaves_no_final_directory(tmp_path, monkeypatch):
+    """What a kill during the final export leaves: the weights written, the tokenizer not yet."""
+    real = trainer.export_model
+
+    def weights_then_die(model, tokenizer, directory, rt):
+        real(model, tokenizer, directory, rt)
+        (directory / "tokenizer.json").unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(trainer, "export_model", weights_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(tmp_path, "--train.eval_steps", "0", "--train.max_steps", "2"))
+    run = tmp_path / "run"
+    assert not (run / "final").exists()
+    assert (run / "final.partial" / "model.safetensors").is_file()  # the cut-short export, under a name that says so
+
+
+def test_a_missing_data_file_is_reported_before_the_model_is_loaded(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(trainer, "build_model", no_model)
+    with pytest.raises(UserError, match="typo.jsonl"):
+        train(run_config(tmp_path, "--data.train_path", str(tmp_path / "typo.jsonl")))
