@@ -267,3 +267,17 @@ def test_sequence_and_context_parallel_training_match_one_process(tmp_path):
         assert sorted(one) == sorted(two) == list(range(1, 7))
         assert max(abs(one[s] - two[s]) for s in one) <= 1e-5, kind
         assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-5, kind
+
+
+def test_the_built_in_default_run_on_two_processes_trains_exports_once_and_prints_one_accuracy(tmp_path):
+    """`torchrun --nproc-per-node 2 -m qwen35 train` with no model or data of its own: the micro-batch
+    fits the two ranks, rank 0 writes final/ and alone evaluates it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qwen35",
+           "train", "--train.max_steps", "2", "--train.save_steps", "0", "--train.eval_steps", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    _ok(proc)
+    assert proc.stdout.count("held-out exact match: untrained") == 1, proc.stdout[-2000:]
+    final = tmp_path / "outputs" / "default" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    assert "micro_batch_size: 4" in (final.parent / "run_config.yaml").read_text()
