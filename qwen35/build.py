@@ -42,6 +42,9 @@ from qwen35.train.config import RunConfig
 from qwen35.train.setup import Runtime
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def check_model_source(cfg: RunConfig) -> None:
     if not cfg.model.path and not cfg.model.preset:
         raise UserError("no model to train: set model.path to a Hugging Face model directory, or model.preset "
@@ -57,7 +60,12 @@ def load_tokenizer(cfg: RunConfig):
 
     check_model_source(cfg)
     if cfg.model.path:
-        return AutoTokenizer.from_pretrained(Path(cfg.model.path))
+        model_dir = Path(cfg.model.path)
+        # Without these files AutoTokenizer returns a near-empty tokenizer instead of failing.
+        if model_dir.is_dir() and not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"no tokenizer in {model_dir} (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                            "tokenizer files of the model it was saved from into it")
+        return AutoTokenizer.from_pretrained(model_dir)
     directory = Path(cfg.train.output_dir) / "builtin" / "tokenizer"
     if not (directory / "tokenizer.json").is_file():
         # Built aside and renamed into place: every rank of a torchrun job builds the same files,

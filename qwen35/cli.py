@@ -1,4 +1,4 @@
-"""The `qwen35` command: train, rl, generate, eval, plot.
+"""The `qwen35` command: train, rl, generate, eval, export, merge, plot.
 
 Exit codes: 0 done; 1 an internal error (with its traceback); 2 a user error (bad config, data,
 path, or a refused output-directory state; one message, no traceback unless `--debug` or
@@ -130,6 +130,12 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged {args.adapter} into {args.model}: {args.output}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from qwen35.train.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.output, args.overwrite)
+
+
 def _plot(args: argparse.Namespace) -> None:
     from qwen35.plot import plot_metrics
 
@@ -175,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="exact match on the first N problems only")
     evaluate.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
     evaluate.set_defaults(run=_eval)
+
+    export = commands.add_parser("export", help="a resumable checkpoint -> Hugging Face format (full weights) "
+                                 "or a PEFT adapter directory (adapter runs), as the run's final export")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint (OUT/checkpoints/step_NNNNNNNN), or a "
+                        "run's output directory for its latest complete checkpoint")
+    export.add_argument("--output", required=True, help="directory to write (must not exist)")
+    export.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    export.set_defaults(run=_export)
 
     merge = commands.add_parser("merge", help="fold a LoRA adapter into its base model")
     merge.add_argument("--model", required=True, help="base model directory")

@@ -160,6 +160,18 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     return torch.load(path / "trainer_state.pt", weights_only=False)
 
 
+def load_model_weights(path: Path, model) -> None:
+    """Restores only the model's part of the checkpoint at `path` (what an export needs); raises
+    `UserError` naming the checkpoint when it cannot be read."""
+    state = {"model": _trainable_state(model)}
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 (see load_first_readable)
+        raise UserError(f"checkpoint {path} is unreadable ({_reason(e)})") from e
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+
+
 def load_first_readable(candidates: list[Path], model, optimizer,
                         warn: Callable[[str], None] = print) -> tuple[Path, dict]:
     """Loads the first of `candidates` (newest first) that every rank can read.

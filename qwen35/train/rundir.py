@@ -17,6 +17,7 @@ output directory that must be free as for a fresh run.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -57,7 +58,7 @@ def plan_run(train: TrainConfig, out_dir: Path) -> RunPlan:
         if owner is not None and not overwrite:  # the same run again: it died before its first save
             return RunPlan(owner, (), clear=False)
     elif resume is not False:
-        found = _checkpoints_at(Path(resume))
+        found = checkpoints_at(Path(resume))
         if found[0].resolve().is_relative_to(out_dir.resolve()):
             _not_both(overwrite)
             return RunPlan(owner or checkpoint_run_id(found[0]) or _new_id(), found, clear=False)
@@ -77,7 +78,9 @@ def claim(out_dir: Path, plan: RunPlan) -> None:
             else:
                 entry.unlink()
     if run_owner(out_dir) != plan.run_id:
-        info = {"run_id": plan.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        # The working directory resolves the relative paths of run_config.yaml (`qwen35 export`).
+        info = {"run_id": plan.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "working_dir": os.getcwd()}
         if plan.started_from:
             info["started_from"] = plan.started_from
         (out_dir / RUN_FILE).write_text(json.dumps(info, indent=1) + "\n")
@@ -117,12 +120,13 @@ def _not_both(overwrite: bool) -> None:
                         "from; set one of them")
 
 
-def _checkpoints_at(path: Path) -> tuple[Path, ...]:
-    """`train.resume: PATH`: one checkpoint, or an output directory's (or checkpoints/'s) checkpoints."""
+def checkpoints_at(path: Path, key: str = "train.resume") -> tuple[Path, ...]:
+    """`train.resume: PATH` (or `key`'s PATH): one checkpoint, or an output directory's (or
+    checkpoints/'s) complete checkpoints, newest first."""
     if not path.exists():
-        raise UserError(f"train.resume: {path} does not exist")
+        raise UserError(f"{key}: {path} does not exist")
     if path.name.endswith(".partial"):
-        raise UserError(f"train.resume: {path} is an incomplete checkpoint (its save was cut short); "
+        raise UserError(f"{key}: {path} is an incomplete checkpoint (its save was cut short); "
                         "give a complete one, or the output directory to take its latest")
     if (path / "trainer_state.pt").is_file() or (path / ".metadata").is_file():
         return (path,)
@@ -130,7 +134,7 @@ def _checkpoints_at(path: Path) -> tuple[Path, ...]:
         found = checkpoint_dirs(root)
         if found:
             return tuple(reversed(found))
-    raise UserError(f"train.resume: {path} is neither a checkpoint (step_NNNNNNNN) nor an output directory "
+    raise UserError(f"{key}: {path} is neither a checkpoint (step_NNNNNNNN) nor an output directory "
                     "with complete checkpoints")
 
 

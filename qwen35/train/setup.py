@@ -114,6 +114,13 @@ def export_model(model, tokenizer, directory: Path, rt: Runtime) -> None:
         tokenizer.save_pretrained(directory)
 
 
+def use_run_chat_template(cfg: RunConfig, tokenizer) -> None:
+    """`data.chat_template` replaces the tokenizer's template: exports must render prompts as
+    training did."""
+    if cfg.data.chat_template is not None:
+        tokenizer.chat_template = Path(cfg.data.chat_template).read_text(encoding="utf-8")
+
+
 @dataclass
 class RunData:
     loader: PackedLoader  # this rank's micro-batches (its data-parallel replica's), resumable
@@ -126,8 +133,7 @@ def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime) -> RunData:
     if data_cfg.cache_dir is None:  # the stores live with the run: a resumed run maps them at once
         data_cfg = replace(data_cfg, cache_dir=str(Path(cfg.train.output_dir) / "data_cache"))
     datasets = build_datasets(data_cfg, tokenizer, progress=rt.is_main)
-    if data_cfg.chat_template is not None:  # exports must render prompts as training did
-        tokenizer.chat_template = Path(data_cfg.chat_template).read_text(encoding="utf-8")
+    use_run_chat_template(cfg, tokenizer)
     rt.print(datasets.stats.summary())
     loader = PackedLoader(datasets.train, cfg.train.micro_batch_size, seed=cfg.data.seed,
                           rank=rt.dp_rank, world_size=rt.dp_size)

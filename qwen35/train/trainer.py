@@ -175,10 +175,7 @@ def train(cfg: RunConfig) -> TrainResult:
             if limit and skipped.in_a_row >= limit:
                 bar.close()
                 metrics.close()
-                raise TrainingDiverged(
-                    f"training diverged: the loss or gradient norm was not finite for {limit} steps in a row "
-                    f"(steps {step - limit + 1} to {step}; each was skipped). {_last_checkpoint_text(last_checkpoint)}. "
-                    "Lower optim.lr or check the data, or raise train.max_nonfinite_steps")
+                raise TrainingDiverged(_diverged_text(f"for {limit} steps in a row", step, limit, last_checkpoint))
             if cfg.checkpoint.export_steps and step % cfg.checkpoint.export_steps == 0:
                 export(out_dir / f"export_step_{step:08d}")
             if signum or (cfg.train.save_steps and step % cfg.train.save_steps == 0):
@@ -190,6 +187,9 @@ def train(cfg: RunConfig) -> TrainResult:
     bar.close()
     metrics.close()
     export_dir = None
+    if not signum and skipped.in_a_row:  # weights that gave a non-finite loss at the end are no result
+        raise TrainingDiverged(_diverged_text("at the end of the run", step, skipped.in_a_row, last_checkpoint,
+                                              ", so nothing is exported as final"))
     if not signum:
         if last_checkpoint != out_dir / "checkpoints" / f"step_{step:08d}":  # not saved at this step yet
             save()
@@ -218,6 +218,12 @@ def _claim_output_dir(cfg: RunConfig, out_dir: Path, rt: Runtime) -> rundir.RunP
     if error is not None:
         raise error
     return plan
+
+
+def _diverged_text(when: str, step: int, in_a_row: int, last_checkpoint: Path | None, then: str = "") -> str:
+    return (f"training diverged: the loss or gradient norm was not finite {when} (steps {step - in_a_row + 1} "
+            f"to {step}; each was skipped){then}. {_last_checkpoint_text(last_checkpoint)}. Lower optim.lr or "
+            "check the data, or raise train.max_nonfinite_steps")
 
 
 def _last_checkpoint_text(path: Path | None) -> str:

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.data.task import build_task
-from reference import tiny_model_dir
+from reference import read_safetensors, tiny_model_dir
 
 HERE = Path(__file__).parent
 
@@ -52,13 +52,20 @@ def _ok(proc):
 
 def test_two_process_fsdp_matches_one_process_step_by_step(tmp_path):
     _ok(_launch(_flags(tmp_path, "one"), nproc=1))
-    _ok(_launch(_flags(tmp_path, "two"), nproc=2))
+    _ok(_launch(_flags(tmp_path, "two", 20, "--checkpoint.export_final", "true"), nproc=2))
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, 21))
     assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
     assert one[20] < one[1]
     norms_one, norms_two = _losses(tmp_path / "one", "grad_norm"), _losses(tmp_path / "two", "grad_norm")
     assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-4  # the same gradient
+
+    # `qwen35 export` reads the two ranks' sharded checkpoint in one process: the run's own export
+    export = subprocess.run([sys.executable, "-m", "qwen35", "export", "--checkpoint", str(tmp_path / "two"),
+                             "--output", str(tmp_path / "exported")], capture_output=True, text=True, timeout=600)
+    _ok(export)
+    exported, final = read_safetensors(tmp_path / "exported"), read_safetensors(tmp_path / "two" / "final")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
 
 
 def test_resume_on_a_different_world_size(tmp_path):
@@ -260,3 +267,17 @@ def test_sequence_and_context_parallel_training_match_one_process(tmp_path):
         assert sorted(one) == sorted(two) == list(range(1, 7))
         assert max(abs(one[s] - two[s]) for s in one) <= 1e-5, kind
         assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-5, kind
+
+
+def test_the_built_in_default_run_on_two_processes_trains_exports_once_and_prints_one_accuracy(tmp_path):
+    """`torchrun --nproc-per-node 2 -m qwen35 train` with no model or data of its own: the micro-batch
+    fits the two ranks, rank 0 writes final/ and alone evaluates it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qwen35",
+           "train", "--train.max_steps", "2", "--train.save_steps", "0", "--train.eval_steps", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent.parent)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    _ok(proc)
+    assert proc.stdout.count("held-out exact match: untrained") == 1, proc.stdout[-2000:]
+    final = tmp_path / "outputs" / "default" / "final"
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    assert "micro_batch_size: 4" in (final.parent / "run_config.yaml").read_text()

@@ -124,3 +124,47 @@ def test_a_user_error_prints_one_line_and_exits_2_and_debug_shows_the_traceback(
     assert proc.stderr.strip() == "error: command line: unknown key 'train.max_step'; did you mean train.max_steps?"
     proc = subprocess.run(bad + ["--debug"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "did you mean train.max_steps" in proc.stderr
+
+
+@pytest.mark.parametrize("steps, nonfinite, saved", [(3, "at the end of the run (steps 2 to 3", 3),
+                                                     (6, "for 5 steps in a row (steps 2 to 6", 5)])
+def test_a_learning_rate_that_blows_up_exits_3_naming_the_steps_and_the_last_checkpoint_and_exports_nothing(
+        tmp_path, steps, nonfinite, saved):
+    """The real command, no injected NaN: step 1 at lr 2.5e4 (warmup) leaves weights whose loss is NaN."""
+    flags = run_flags(tmp_path, *FAST[:2], "--optim.lr", "5e4", "--train.max_steps", str(steps),
+                      "--train.save_steps", "1", "--checkpoint.keep_last", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qwen35", "train", *flags], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    # Skipped steps change no weight, so the checkpoints during them hold step 1's weights; none is "final".
+    last = tmp_path / "run" / "checkpoints" / f"step_{saved:08d}"
+    assert err.startswith("error: training diverged") and nonfinite in err and f"last checkpoint is {last}" in err
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "final.partial").exists()
+
+
+def test_an_export_cut_short_leaves_no_final_directory(tmp_path, monkeypatch):
+    """What a kill during the final export leaves: the weights written, the tokenizer not yet."""
+    real = trainer.export_model
+
+    def weights_then_die(model, tokenizer, directory, rt):
+        real(model, tokenizer, directory, rt)
+        (directory / "tokenizer.json").unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(trainer, "export_model", weights_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(tmp_path, "--train.eval_steps", "0", "--train.max_steps", "2"))
+    run = tmp_path / "run"
+    assert not (run / "final").exists()
+    assert (run / "final.partial" / "model.safetensors").is_file()  # the cut-short export, under a name that says so
+
+
+def test_a_missing_data_file_is_reported_before_the_model_is_loaded(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(trainer, "build_model", no_model)
+    with pytest.raises(UserError, match="typo.jsonl"):
+        train(run_config(tmp_path, "--data.train_path", str(tmp_path / "typo.jsonl")))
