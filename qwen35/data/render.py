@@ -100,8 +100,8 @@ class ChatRenderer:
 
     def encode_batch(self, samples: list[Sample]) -> list[tuple[np.ndarray, np.ndarray] | str]:
         """`encode` of many samples, each (ids, mask) or the message of why it cannot render. The
-        texts go to the tokenizer in one call: per call, transformers' wrapping costs as much as
-        the tokenisation itself, and the Rust tokenizer spreads a batch over the cores."""
+        texts go to the Rust tokenizer in one call, which spreads a batch over the cores when the
+        process is allowed threads (TOKENIZERS_PARALLELISM)."""
         results: list = [None] * len(samples)
         rendered = []  # (index, text, learned spans, add_eos)
         for i, sample in enumerate(samples):
