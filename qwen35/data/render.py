@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 from jinja2.exceptions import TemplateError
+from tokenizers import Tokenizer
 
 from qwen35.data.formats import MalformedRecord, Sample
 from qwen35.ops.cross_entropy import IGNORE_INDEX
@@ -49,6 +50,13 @@ class ChatRenderer:
         lead = [{"role": "user", "content": "x"}]
         self.probe_text = self.render(lead + [_PROBE])[len(self.render(lead)):]
         assert self.probe_text, "an empty user turn renders to nothing"
+        # The Rust tokenizer itself, copied and set as transformers sets it for a plain call (no
+        # truncation or padding, control tokens matched whole): calling it directly gives the same
+        # tokens without transformers' per-token Python conversions.
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
 
     def render(self, messages: list[dict], tools: list | None = None) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **self.kwargs)
@@ -85,24 +93,45 @@ class ChatRenderer:
 
     def encode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         """(token ids int32, loss mask bool) of one sample; MalformedRecord if it cannot render."""
+        result = self.encode_batch([sample])[0]
+        if isinstance(result, str):
+            raise MalformedRecord(result)
+        return result
+
+    def encode_batch(self, samples: list[Sample]) -> list[tuple[np.ndarray, np.ndarray] | str]:
+        """`encode` of many samples, each (ids, mask) or the message of why it cannot render. The
+        texts go to the Rust tokenizer in one call, which spreads a batch over the cores when the
+        process is allowed threads (TOKENIZERS_PARALLELISM)."""
+        results: list = [None] * len(samples)
+        rendered = []  # (index, text, learned spans, add_eos)
+        for i, sample in enumerate(samples):
+            try:
+                rendered.append((i, *self.text_and_spans(sample)))
+            except MalformedRecord as e:
+                results[i] = str(e)
+        encodings = self.backend.encode_batch([text for _, text, _, _ in rendered], add_special_tokens=False)
+        for (i, _, spans, add_eos), enc in zip(rendered, encodings):
+            results[i] = self._ids_and_mask(enc, spans, add_eos)
+        return results
+
+    def text_and_spans(self, sample: Sample) -> tuple[str, list[tuple[int, int]], bool]:
+        """The text a sample trains on, the character spans learned, and whether an eos follows."""
         try:
             if sample.messages is not None:
                 full = self.render(sample.messages, sample.tools)
-                spans = self.assistant_spans(sample.messages, sample.tools, full)
-                return self._encode_spans(full, spans, add_eos=False)
+                return full, self.assistant_spans(sample.messages, sample.tools, full), False
             if sample.text is not None:
-                return self._encode_spans(sample.text, [(0, len(sample.text))], add_eos=True)
+                return sample.text, [(0, len(sample.text))], True
             text = sample.prompt + sample.completion
-            return self._encode_spans(text, [(len(sample.prompt), len(text))], add_eos=True)
+            return text, [(len(sample.prompt), len(text))], True
         except (TemplateError, ValueError) as e:
             raise MalformedRecord(f"{sample.where}: {e}") from None
 
-    def _encode_spans(self, text: str, spans: list[tuple[int, int]], add_eos: bool):
-        """Tokenises `text` once; a token is learned when it starts inside a span. The eos appended
-        to plain text is learned too: it is how a model learns where a document ends."""
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int32)
-        starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+    def _ids_and_mask(self, encoding, spans: list[tuple[int, int]], add_eos: bool):
+        """A token is learned when it starts inside a span. The eos appended to plain text is
+        learned too: it is how a model learns where a document ends."""
+        ids = np.array(encoding.ids, dtype=np.int32)
+        starts = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
         mask = np.zeros(len(ids), dtype=bool)
         for lo, hi in spans:
             mask |= (starts >= lo) & (starts < hi)

@@ -165,27 +165,28 @@ def build_store(path: Path, store: Path, tokenizer, *, num_workers: int = 0, on_
                                                   num_workers)) as batches):
             offsets_f.write(np.zeros(1, np.int64).tobytes())
             for batch in batches:
-                lengths, learned = [], []
+                encoded = []
                 for result in batch:
-                    records += 1
                     if isinstance(result, str):
                         if on_malformed == "error":
                             raise MalformedRecord(result)
                         malformed += 1
                         if len(problems) < MAX_PROBLEMS:
                             problems.append(result)
-                        continue
-                    ids, mask = result
-                    ids_f.write(ids.astype(id_dtype).tobytes())
-                    loss_f.write(mask.astype(bool).tobytes())
-                    lengths.append(len(ids))
-                    learned.append(int(mask.sum()))
-                ends = tokens + np.cumsum(np.asarray(lengths, np.int64))
-                offsets_f.write(ends.tobytes())
-                learned_f.write(np.asarray(learned, np.int64).tobytes())
-                tokens = int(ends[-1]) if len(ends) else tokens
-                samples += len(lengths)
+                    else:
+                        encoded.append(result)
+                records += len(batch)
                 bar.update(len(batch))
+                if not encoded:
+                    continue
+                # one write per file and batch: the files are the samples' arrays end to end
+                ids_f.write(np.concatenate([ids for ids, _ in encoded]).astype(id_dtype).tobytes())
+                loss_f.write(np.concatenate([mask for _, mask in encoded]).astype(bool).tobytes())
+                ends = tokens + np.cumsum([len(ids) for ids, _ in encoded], dtype=np.int64)
+                offsets_f.write(ends.tobytes())
+                learned_f.write(np.asarray([int(mask.sum()) for _, mask in encoded], np.int64).tobytes())
+                tokens = int(ends[-1])
+                samples += len(encoded)
         if records == 0:
             raise DataError(f"{path}: the file holds no records (is it empty?)")
         meta = {"records": records, "malformed": malformed, "problems": problems, "tokens": tokens,
@@ -210,7 +211,7 @@ def _encoded_batches(path: Path, tokenizer, template_kwargs, chat_template, num_
     if num_workers <= 0 or len(head) < MIN_SAMPLES_FOR_WORKERS:
         renderer = ChatRenderer(tokenizer, template_kwargs, chat_template)
         for batch in _batched(items, BATCH):
-            yield [_encode(renderer, where, record) for where, record in batch]
+            yield _encode(renderer, batch)
         return
     # fork where there is one: spawn re-runs the caller's main module in every worker, which fails
     # for notebooks and `python -` and costs a transformers import per worker. The workers use
@@ -234,12 +235,20 @@ def _batched(items, n: int):
         yield batch
 
 
-def _encode(renderer: ChatRenderer, where: str, record):
-    """The encoded record, or the problem's message (exceptions do not cross processes well)."""
-    try:
-        return renderer.encode(to_sample(parse_record(where, record), where))
-    except MalformedRecord as e:
-        return str(e)
+def _encode(renderer: ChatRenderer, batch: list) -> list:
+    """The batch's records encoded, each (ids, mask) or the message of its problem (exceptions do
+    not cross processes well)."""
+    results: list = [None] * len(batch)
+    samples, where_ok = [], []
+    for i, (where, record) in enumerate(batch):
+        try:
+            samples.append(to_sample(parse_record(where, record), where))
+            where_ok.append(i)
+        except MalformedRecord as e:
+            results[i] = str(e)
+    for i, result in zip(where_ok, renderer.encode_batch(samples)):
+        results[i] = result
+    return results
 
 
 _worker_renderer: ChatRenderer | None = None
@@ -247,9 +256,11 @@ _worker_renderer: ChatRenderer | None = None
 
 def _init_worker(tokenizer, template_kwargs, chat_template) -> None:
     global _worker_renderer
+    # The workers are the parallelism: one thread each rather than the Rust tokenizer's pool too.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_renderer = ChatRenderer(tokenizer, template_kwargs, chat_template)
 
 
 def _encode_in_worker(batch: list):
     assert _worker_renderer is not None, "worker used before its initializer ran"
-    return [_encode(_worker_renderer, where, record) for where, record in batch]
+    return _encode(_worker_renderer, batch)

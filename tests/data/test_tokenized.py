@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from qwen35.data import tokenized
-from qwen35.data.formats import MalformedRecord
+from qwen35.data.formats import MalformedRecord, iter_records, parse_record, to_sample
+from qwen35.data.render import ChatRenderer
 from qwen35.data.task import build_task
 from qwen35.data.tokenized import tokenize_file
+from mixed_corpus import write_mixed_corpus  # tests/data, on the path as the test directory
 
 
 @pytest.fixture
@@ -76,3 +78,42 @@ def test_malformed_records_are_remembered_by_the_cache(tokenizer, tmp_path):
     assert second.from_cache and second.problems == first.problems
     with pytest.raises(MalformedRecord, match=f"^{path}:2: "):
         tokenize_file(path, tokenizer, cache_dir=tmp_path / "cache", on_malformed="error", progress=False)
+
+
+def per_record_reference(path, tokenizer):
+    """The store's arrays as a plain per-record encoder makes them: transformers' tokenizer call
+    on each rendered text, loss where a token starts inside a learned span."""
+    renderer = ChatRenderer(tokenizer)
+    ids, loss, ends, learned = [], [], [0], []
+    for where, record in iter_records(path):
+        try:
+            text, spans, add_eos = renderer.text_and_spans(to_sample(parse_record(where, record), where))
+        except MalformedRecord:
+            continue
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        mask = [any(lo <= start < hi for lo, hi in spans) for start, _ in enc["offset_mapping"]]
+        sample_ids = enc["input_ids"] + ([tokenizer.eos_token_id] if add_eos else [])
+        mask += [True] if add_eos else []
+        ids += sample_ids
+        loss += mask
+        ends.append(ends[-1] + len(sample_ids))
+        learned.append(sum(mask))
+    return {"ids.bin": np.array(ids, np.uint16), "loss.bin": np.array(loss, bool),
+            "offsets.bin": np.array(ends, np.int64), "learned.bin": np.array(learned, np.int64)}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batched_store_equals_the_per_record_encoding_byte_for_byte(tokenizer, tmp_path, monkeypatch,
+                                                                   num_workers):
+    path = tmp_path / "mixed.jsonl"
+    write_mixed_corpus(path, 400)
+    monkeypatch.setattr(tokenized, "MIN_SAMPLES_FOR_WORKERS", 0)
+    monkeypatch.setattr(tokenized, "BATCH", 64)  # several batches, some with malformed records
+    store = tmp_path / "store"
+    tokenized.build_store(path, store, tokenizer, num_workers=num_workers, progress=False)
+    reference = per_record_reference(path, tokenizer)
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["records"] == 400 and 0 < meta["malformed"] < 40
+    assert meta["samples"] == len(reference["learned.bin"]) == 400 - meta["malformed"]
+    for name, array in reference.items():
+        assert (store / name).read_bytes() == array.tobytes(), name
