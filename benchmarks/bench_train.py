@@ -591,16 +591,16 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--parallel-timeout", type=int, default=1800, help="--parallel: seconds per layout job")
     p.add_argument("--max-context-preset", default="0.8B", help="--parallel: the preset of the longest-row search")
     args = p.parse_args(argv)
-    if args.parallel:
-        import parallel_runs
-
-        return parallel_runs.run_layouts(args)
 
     global PROFILE, MEMORY_PROFILE, BREAKDOWN
     PROFILE, MEMORY_PROFILE, BREAKDOWN = args.profile, args.memory_profile, args.breakdown
     if args.fla_configs is not None:  # read by fla at import, so before the fast ops load
         os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")
         os.environ["FLA_CONFIG_DIR"] = str(args.fla_configs.resolve())
+    if args.parallel:  # each layout's job inherits the fla settings above
+        import parallel_runs
+
+        return parallel_runs.run_layouts(args)
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         ops.use_backend("reference")

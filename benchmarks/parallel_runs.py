@@ -12,7 +12,7 @@ master weights, bf16 autocast on a GPU, AdamW with its state, the loss normalise
 normalises it.
 
 - throughput: `--seq-lens` rows of `--docs` documents, `--ac` checkpointing (default full),
-  `--warmup` then `--steps` timed steps, for every preset;
+  `--warmup` then `--steps` timed steps, for every preset (none with `--only-max-context`);
 - longest row: one document of each `--max-context-lens` length, ascending, "offload"
   checkpointing, one step each, until the first failure; `--max-context-preset` only.
 
@@ -55,7 +55,7 @@ def worker_command(layout: str, args, out: Path) -> list[str]:
     _, degree = parse_layout(layout)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={degree}",
            str(Path(__file__).resolve()), "--layout", layout, "--out", str(out),
-           "--presets", *args.presets, "--seq-lens", *map(str, args.seq_lens), "--docs", str(args.docs[0]),
+           "--presets", *([] if args.only_max_context else args.presets), "--seq-lens", *map(str, args.seq_lens), "--docs", str(args.docs[0]),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--ac", args.parallel_ac,
            "--max-context-preset", args.max_context_preset]
     if args.max_context:
@@ -101,16 +101,19 @@ def parallel_table(rows: list[dict]) -> str:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and r["layout"] != "one" else ""
         lines.append(f"| {r['layout']} | {r['preset']} | {r['seq_len']} | {r['docs']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['step_ms']:.0f} | {r['peak_gib']:.1f} | {ratio} |")
-    longest = {}
+    longest, stopped = {}, set()
     for r in rows:
         if r["trial"] == "max-context" and r["status"] == "ok":
             longest[r["layout"], r["preset"]] = max(longest.get((r["layout"], r["preset"]), 0), r["seq_len"])
+        elif r["trial"] == "max-context" and r["status"] == "stopped for time":
+            stopped.add((r["layout"], r["preset"]))
     if longest:
         lines.append("\nlongest trainable row (one document, offload checkpointing):")
         for (layout, name), length in longest.items():
             base = longest.get(("one", name))
             ratio = f" ({length / base:.2f}x one GPU)" if base and layout != "one" else ""
-            lines.append(f"  {layout:4} {name}: {length:,} tokens{ratio}")
+            bound = " or more (the search stopped for time)" if (layout, name) in stopped else ""
+            lines.append(f"  {layout:4} {name}: {length:,} tokens{bound}{ratio}")
     return "\n".join(lines)
 
 
@@ -183,7 +186,7 @@ def worker(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layout", required=True, type=lambda s: parse_layout(s) and s)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--presets", nargs="+", default=["0.8B"])
+    p.add_argument("--presets", nargs="*", default=["0.8B"])
     p.add_argument("--seq-lens", nargs="+", type=int, default=[65536])
     p.add_argument("--docs", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
@@ -230,7 +233,10 @@ def worker(argv=None) -> None:
         started = time.perf_counter()
         row = trial(bench, config, args.layout, [length], 1, 0, "offload", device, group)
         record(row, name, "max-context")
-        if row["status"] != "ok" or time.perf_counter() - started > 240:  # the next would not fit in time
+        if row["status"] != "ok":
+            break
+        if time.perf_counter() - started > 240 and length != args.max_context_lens[-1]:  # the next: too long
+            record({**row, "status": "stopped for time"}, name, "max-context")
             break
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -65,12 +65,15 @@ def test_each_layout_is_a_torchrun_job_with_its_degree_of_processes(bench, tmp_p
 
     args = argparse.Namespace(presets=["0.8B", "2B"], seq_lens=[65536], docs=[4], steps=3, warmup=1,
                               parallel_ac="full", max_context=True, max_context_lens=[131072, 262144],
-                              max_context_preset="0.8B", smoke=False)
+                              max_context_preset="0.8B", smoke=False, only_max_context=False)
     one = parallel_runs.worker_command("one", args, tmp_path / "one.jsonl")
     cp2 = parallel_runs.worker_command("cp2", args, tmp_path / "cp2.jsonl")
     assert "--nproc-per-node=1" in one and "--nproc-per-node=2" in cp2
     assert cp2[cp2.index("--layout") + 1] == "cp2" and cp2[cp2.index("--presets") + 1:][:2] == ["0.8B", "2B"]
     assert cp2[cp2.index("--max-context-lens") + 1:][:2] == ["131072", "262144"] and "--smoke" not in cp2
+    args.only_max_context = True  # no throughput rows: no presets for them
+    only = parallel_runs.worker_command("cp2", args, tmp_path / "cp2.jsonl")
+    assert only[only.index("--presets") + 1] == "--seq-lens"
 
 
 def test_parallel_table_gives_ratios_to_one_gpu_and_the_longest_rows(bench):
@@ -82,10 +85,12 @@ def test_parallel_table_gives_ratios_to_one_gpu_and_the_longest_rows(bench):
 
     rows = [row("one", "throughput", 65536, 20_000.0), row("cp2", "throughput", 65536, 30_000.0),
             row("one", "max-context", 262144, 1.0), row("one", "max-context", 524288, 1.0, "OOM"),
-            row("cp2", "max-context", 262144, 1.0), row("cp2", "max-context", 524288, 1.0)]
+            row("cp2", "max-context", 262144, 1.0), row("cp2", "max-context", 524288, 1.0),
+            row("cp2", "max-context", 524288, 1.0, "stopped for time")]
     table = parallel_runs.parallel_table(rows)
     assert "| cp2 | 0.8B | 65536 | 4 | 30,000 | 2185 | 40.0 | 1.50x |" in table
-    assert "one  0.8B: 262,144 tokens" in table and "cp2  0.8B: 524,288 tokens (2.00x one GPU)" in table
+    assert "one  0.8B: 262,144 tokens\n" in table
+    assert "cp2  0.8B: 524,288 tokens or more (the search stopped for time) (2.00x one GPU)" in table
 
 
 def test_parallel_smoke_run_on_the_cpu_writes_its_trials(bench, tmp_path):

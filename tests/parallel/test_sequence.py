@@ -93,3 +93,8 @@ def test_head_counts_that_do_not_divide_are_refused_by_sp():
 def test_sp_that_does_not_divide_the_processes_is_refused():
     with pytest.raises(ValueError, match=r"parallel.sp \(2\).*processes \(1\)"):
         Runtime.start(RunConfig(parallel=ParallelConfig(sp=2), train=TrainConfig(max_steps=1)))
+
+
+def test_sp_and_cp_together_are_refused_naming_both_flags():
+    with pytest.raises(ValueError, match=r"parallel.sp \(2\) and parallel.cp \(2\) together are not built"):
+        Runtime.start(RunConfig(parallel=ParallelConfig(sp=2, cp=2), train=TrainConfig(max_steps=1)))
