@@ -14,8 +14,8 @@ ranks gather them, and each rank composes the states entering it with a prefix o
 before it; then it runs its slice once more from that state. docs/parallel.md has the derivation.
 
 Softmax attention layers (one in four) keep their slice of the queries and all-gather the keys
-and values of the row (grouped-query attention: the kv heads are a quarter of the query heads,
-so that is the smaller part), then attend, document by document, from the slice's queries to
+and values of the row (grouped-query attention: the kv heads are a fraction of the query heads,
+a quarter in the 0.8B to 9B, so that is the smaller part), then attend, document by document, from the slice's queries to
 the keys of each document up to the slice's end. No head count has to divide by cp.
 """
 
