@@ -3,6 +3,11 @@
     python benchmarks/bench_train.py --presets 0.8B 2B --seq-lens 8192 32768 --steps 10
     python benchmarks/bench_train.py --presets 0.8B --max-context          # longest trainable row
     python benchmarks/bench_train.py --smoke                               # CPU, tiny, reference ops
+    python benchmarks/bench_train.py --parallel one sp2 cp2 --max-context  # 2 GPUs: sp/cp vs one
+
+`--parallel` runs each layout as a torchrun job of `benchmarks/parallel_runs.py` (see there):
+tokens/s of every preset at `--seq-lens`, and with `--max-context` the longest trainable row of
+`--max-context-preset`, with sp or cp against one GPU, in one table.
 
 Ours runs as the trainer does: a packed row of several documents (`--docs`), the fast ops, and
 one of these precisions (`--ours`, "precision:checkpointing[:compile|:cudagraphs]"; `cudagraphs`
@@ -62,6 +67,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # parallel_runs
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset  # noqa: E402
 from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers  # noqa: E402
@@ -539,6 +545,13 @@ def smoke_config(name: str) -> Qwen35Config:
                   linear_key_head_dim=16, linear_value_head_dim=16, vocab_size=1000, eos_token_id=1)
 
 
+def _layout(text: str) -> str:
+    import parallel_runs
+
+    parallel_runs.parse_layout(text)  # raises argparse's error for a bad one
+    return text
+
+
 def main(argv=None) -> list[Result]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["0.8B", "2B"])
@@ -571,6 +584,12 @@ def main(argv=None) -> list[Result]:
                         "benchmarks/fla_configs/NVIDIA_H100_80GB_HBM3, written by --dump-fla-configs)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, reference ops, no Liger")
+    p.add_argument("--parallel", nargs="+", type=_layout,
+                   help="layouts (one, sp<N>, cp<N>): each a torchrun job of parallel_runs.py, nothing else runs")
+    p.add_argument("--parallel-ac", default="full", help="--parallel: checkpointing of the throughput rows")
+    p.add_argument("--parallel-dir", default="bench_parallel", help="--parallel: where each job writes its rows")
+    p.add_argument("--parallel-timeout", type=int, default=1800, help="--parallel: seconds per layout job")
+    p.add_argument("--max-context-preset", default="0.8B", help="--parallel: the preset of the longest-row search")
     args = p.parse_args(argv)
 
     global PROFILE, MEMORY_PROFILE, BREAKDOWN
@@ -578,6 +597,10 @@ def main(argv=None) -> list[Result]:
     if args.fla_configs is not None:  # read by fla at import, so before the fast ops load
         os.environ.setdefault("FLA_CACHE_MODE", "fuzzy")
         os.environ["FLA_CONFIG_DIR"] = str(args.fla_configs.resolve())
+    if args.parallel:  # each layout's job inherits the fla settings above
+        import parallel_runs
+
+        return parallel_runs.run_layouts(args)
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         ops.use_backend("reference")

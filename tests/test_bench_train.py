@@ -46,3 +46,57 @@ def test_every_ratio_divides_by_the_fastest_peer_of_its_preset_and_says_which(be
     assert ("| breakdown ours fp32m:none:compile 0.8B 8192 | 137 | 24 (18%) | 12 (9%) | 48 (35%) | 6 (4%) "
             "| 12 (9%) | 18 (13%) | 17 (12%) |") in table
 
+
+
+def test_parallel_layouts_parse_and_a_bad_one_is_refused_by_name(bench, capsys):
+    import parallel_runs
+
+    assert [parallel_runs.parse_layout(t) for t in ("one", "sp2", "cp4", "cp16")] == [
+        (None, 1), ("sp", 2), ("cp", 4), ("cp", 16)]
+    for bad in ("sp1", "tp2", "cp", "sp2x"):
+        with pytest.raises(SystemExit):
+            bench.main(["--parallel", "one", bad])
+        assert f"unknown parallel layout {bad!r}" in capsys.readouterr().err
+
+
+def test_each_layout_is_a_torchrun_job_with_its_degree_of_processes(bench, tmp_path):
+    import argparse
+    import parallel_runs
+
+    args = argparse.Namespace(presets=["0.8B", "2B"], seq_lens=[65536], docs=[4], steps=3, warmup=1,
+                              parallel_ac="full", max_context=True, max_context_lens=[131072, 262144],
+                              max_context_preset="0.8B", smoke=False, only_max_context=False)
+    one = parallel_runs.worker_command("one", args, tmp_path / "one.jsonl")
+    cp2 = parallel_runs.worker_command("cp2", args, tmp_path / "cp2.jsonl")
+    assert "--nproc-per-node=1" in one and "--nproc-per-node=2" in cp2
+    assert cp2[cp2.index("--layout") + 1] == "cp2" and cp2[cp2.index("--presets") + 1:][:2] == ["0.8B", "2B"]
+    assert cp2[cp2.index("--max-context-lens") + 1:][:2] == ["131072", "262144"] and "--smoke" not in cp2
+    args.only_max_context = True  # no throughput rows: no presets for them
+    only = parallel_runs.worker_command("cp2", args, tmp_path / "cp2.jsonl")
+    assert only[only.index("--presets") + 1] == "--seq-lens"
+
+
+def test_parallel_table_gives_ratios_to_one_gpu_and_the_longest_rows(bench):
+    import parallel_runs
+
+    def row(layout, trial, seq_len, tps, status="ok"):
+        return {"layout": layout, "preset": "0.8B", "trial": trial, "seq_len": seq_len, "docs": 4, "status": status,
+                "tokens_per_s": tps, "step_ms": 1e3 * seq_len / max(tps, 1), "peak_gib": 40.0}
+
+    rows = [row("one", "throughput", 65536, 20_000.0), row("cp2", "throughput", 65536, 30_000.0),
+            row("one", "max-context", 262144, 1.0), row("one", "max-context", 524288, 1.0, "OOM"),
+            row("cp2", "max-context", 262144, 1.0), row("cp2", "max-context", 524288, 1.0),
+            row("cp2", "max-context", 524288, 1.0, "stopped for time")]
+    table = parallel_runs.parallel_table(rows)
+    assert "| cp2 | 0.8B | 65536 | 4 | 30,000 | 2185 | 40.0 | 1.50x |" in table
+    assert "one  0.8B: 262,144 tokens\n" in table
+    assert "cp2  0.8B: 524,288 tokens or more (the search stopped for time) (2.00x one GPU)" in table
+
+
+def test_parallel_smoke_run_on_the_cpu_writes_its_trials(bench, tmp_path):
+    """One layout job, cp=2 under torchrun with gloo: a throughput row and a longest-row trial."""
+    rows = bench.main(["--parallel", "cp2", "--smoke", "--presets", "0.8B", "--seq-lens", "64", "--steps", "1",
+                       "--warmup", "0", "--max-context", "--max-context-lens", "32", "--parallel-dir", str(tmp_path)])
+    assert [(r["layout"], r["trial"], r["seq_len"], r["status"]) for r in rows] == [
+        ("cp2", "throughput", 64, "ok"), ("cp2", "max-context", 32, "ok")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)

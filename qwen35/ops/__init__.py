@@ -1,7 +1,7 @@
 """The kernel seam: every heavy op the model calls, chosen in this one place.
 
 The model calls `ops.gated_delta_rule` (and `ops.gated_delta_rule_step_` to decode), `ops.causal_conv1d`, `ops.causal_attention`,
-`ops.gated_rms_norm`, `ops.linear_cross_entropy` and `ops.routed_experts`; each resolves to the torch reference
+`ops.attention_to_keys`, `ops.gated_rms_norm`, `ops.linear_cross_entropy` and `ops.routed_experts`; each resolves to the torch reference
 (readable, runs anywhere, the ground truth of the tests) or, once selected with
 `use_backend("fast")`, to the GPU kernels of `qwen35.ops.fast` (flash-linear-attention, torch's
 varlen flash attention, a fused linear cross-entropy, grouped-GEMM experts). A fast op has the reference's signature
@@ -41,6 +41,7 @@ _REFERENCE = {
     "gated_delta_rule_step_": _delta_rule.gated_delta_rule_step_,
     "causal_conv1d": _conv.causal_conv1d,
     "causal_attention": _attention.causal_attention,
+    "attention_to_keys": _attention.attention_to_keys,
     "gated_rms_norm": _norm.gated_rms_norm,
     "linear_cross_entropy": _cross_entropy.linear_cross_entropy,
     "routed_experts": _moe.expert_loop,
@@ -126,6 +127,12 @@ def causal_attention(q, k, v, cu_seqlens=None, scale=None, causal=True):
     return _active["causal_attention"](q, k, v, cu_seqlens, scale, causal)
 
 
+def attention_to_keys(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale=None):
+    """Each document's queries, its last tokens, against all its keys so far (context
+    parallelism; see `qwen35.ops.attention.attention_to_keys`)."""
+    return _active["attention_to_keys"](q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale)
+
+
 def gated_rms_norm(x, z, weight, eps):
     return _active["gated_rms_norm"](x, z, weight, eps)
 
@@ -143,6 +150,6 @@ def routed_experts(x_ND, weights_NK, experts_NK, gate_up_EIH, down_EHI):
 __all__ = [
     "BACKENDS", "DELTA_RULE_KERNELS", "use_backend", "current_backend", "current_delta_rule_kernel",
     "gated_delta_rule", "gated_delta_rule_step_", "causal_conv1d",
-    "causal_attention", "gated_rms_norm", "linear_cross_entropy", "routed_experts", "cached_attention",
+    "causal_attention", "attention_to_keys", "gated_rms_norm", "linear_cross_entropy", "routed_experts", "cached_attention",
     "gated_delta_rule_in_slices",
 ]

@@ -35,6 +35,30 @@ def causal_attention(q, k, v, cu_seqlens=None, scale=None, causal=True):
     return out.transpose(1, 2)
 
 
+def attention_to_keys(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q=None, max_k=None, scale=None):
+    """Causal attention of the last tokens of each document to all of its keys so far.
+
+    q `[1, Tq, H, D]`, k and v `[1, Tk, Hkv, D]` are packed rows with the same number of
+    documents; document n has `lq` queries and `lk >= lq` keys, and its queries are the last `lq`
+    of its `lk` tokens: query i sits at key position `i + lk - lq` and sees the keys up to it
+    (flash attention's bottom-right causal alignment). Context parallelism runs a rank's slice of
+    the queries against the keys of the row up to its slice's end this way. `max_q`/`max_k` (the
+    longest document of each, host ints) are for the fast op; the reference reads them itself.
+    Returns `[1, Tq, H, D]`.
+    """
+    groups = q.shape[2] // k.shape[2]
+    (q, index), (k, _), (v, _) = (pad_documents(x, cu) for x, cu in ((q, cu_seqlens_q), (k, cu_seqlens_k), (v, cu_seqlens_k)))
+    q_len = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(q.device)
+    k_len = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(q.device)
+    query_pos = torch.arange(q.shape[1], device=q.device)[None, :, None] + (k_len - q_len)[:, None, None]
+    key_pos = torch.arange(k.shape[1], device=q.device)[None, None, :]
+    mask = (key_pos <= query_pos) & (key_pos < k_len[:, None, None])  # [N, Lq, Lk]; key 0 always
+    k, v = (x.repeat_interleave(groups, dim=2) for x in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None], scale=scale)
+    return unpad_documents(out.transpose(1, 2), index)
+
+
 def cached_attention(q, k_cache, v_cache, lengths, scale=None):
     """Attention of new tokens against a cache (generation).
 

@@ -230,13 +230,30 @@ def causal_attention(q, k, v, cu_seqlens=None, scale=None, causal=True):
     if not _on_gpu(q, k, v) or dtype not in (torch.bfloat16, torch.float16):
         return _attention.causal_attention(q, k, v, cu_seqlens, scale, causal)
     batch, length, heads, dim = q.shape
-    kv_heads = k.shape[2]
-    q, k, v = (x.reshape(batch * length, x.shape[2], dim).to(dtype) for x in (q, k, v))
     if cu_seqlens is None:
         cu = torch.arange(0, (batch + 1) * length, length, device=q.device, dtype=torch.int32)
         max_len = length
     else:
         cu, max_len = cu_seqlens.to(torch.int32), _host_view(cu_seqlens).max_len
+    out = _varlen(q, k, v, cu, cu, max_len, max_len, scale, causal, dtype)
+    return out.view(batch, length, heads, dim)
+
+
+@torch.compiler.disable
+def attention_to_keys(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale=None):
+    """Flash attention of each document's last queries to its keys, bottom-right causal (flash
+    attention's alignment when a document has fewer queries than keys); see
+    `qwen35.ops.attention.attention_to_keys`."""
+    dtype = compute_dtype(v)
+    if not _on_gpu(q, k, v) or dtype not in (torch.bfloat16, torch.float16):
+        return _attention.attention_to_keys(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale)
+    out = _varlen(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), max_q, max_k, scale, True, dtype)
+    return out.view(q.shape)
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, dtype):
+    heads, kv_heads, dim = q.shape[2], k.shape[2], q.shape[3]
+    q, k, v = (x.reshape(-1, x.shape[2], dim).to(dtype) for x in (q, k, v))
     extra = {}
     if heads != kv_heads:
         if _VARLEN_HAS_GQA:
@@ -247,8 +264,7 @@ def causal_attention(q, k, v, cu_seqlens=None, scale=None, causal=True):
         extra["window_size"] = (-1, 0) if causal else (-1, -1)
     else:  # the first releases of varlen_attn spelt causal as a flag
         extra["is_causal"] = causal
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **extra)
-    return out.view(batch, length, heads, dim)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **extra)
 
 
 # --- fused linear cross-entropy -------------------------------------------------------------
@@ -337,6 +353,7 @@ OPS = {
     "gated_delta_rule_step_": gated_delta_rule_step_,
     "causal_conv1d": causal_conv1d,
     "causal_attention": causal_attention,
+    "attention_to_keys": attention_to_keys,
     "gated_rms_norm": gated_rms_norm,
     "linear_cross_entropy": linear_cross_entropy,
     "routed_experts": _moe.grouped_experts,

@@ -13,8 +13,10 @@ M the product of the tokens' `exp(g)(I - beta k k^T)`, which is the same delta r
 ranks gather them, and each rank composes the states entering it with a prefix over the ranks
 before it; then it runs its slice once more from that state. docs/parallel.md has the derivation.
 
-Softmax attention layers (one in four) take the all-to-all of `sequence.py` (whole row, local
-heads), so the attention head counts must divide by cp.
+Softmax attention layers (one in four) keep their slice of the queries and all-gather the keys
+and values of the row (grouped-query attention: the kv heads are a fraction of the query heads,
+a quarter in the 0.8B to 9B, so that is the smaller part), then attend, document by document, from the slice's queries to
+the keys of each document up to the slice's end. No head count has to divide by cp.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from qwen35 import ops
-from qwen35.parallel.sequence import ATTENTION_HEADS, check_heads_divide, gather_rows, shard_rows
+from qwen35.parallel.sequence import gather_rows, shard_rows
 
 
 def _cut(bounds: list[int], start: int, end: int) -> list[int]:
@@ -99,9 +101,29 @@ def _mix(layer, group, qkv_BTC, beta, g, conv_weight_CK, cu_seqlens=None, cache=
     return o + 0 * exchanged.sum().to(o.dtype)
 
 
+def _attend(attention, group, q, k, v, cu_seqlens=None):
+    """This slice's queries `[1, T/cp, H, D]` against the keys and values of the whole row up to
+    the slice's end, gathered from every rank: for each document in the slice, the keys from the
+    document's start (on this or an earlier rank) on."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    batch, slice_len = q.shape[:2]
+    if batch != 1:
+        raise ValueError("context parallelism runs packed rows (a batch of one)")
+    start, end = rank * slice_len, (rank + 1) * slice_len
+    bounds = cu_seqlens.tolist() if cu_seqlens is not None else [0, size * slice_len]
+    kv = gather_rows(torch.cat([k[0], v[0]], dim=1), group)  # [T, 2 Hkv, D], one collective
+    first = max(b for b in bounds if b <= start)  # where the document entering the slice began
+    k_row, v_row = kv[None, first:end].chunk(2, dim=2)
+    local = _cut(bounds, start, end)
+    keys = [0, *(b + start - first for b in local[1:])]  # the first document's keys reach back
+    to_cu = functools.partial(torch.tensor, dtype=torch.int32, device=q.device)
+    max_q = max(b - a for a, b in zip(local, local[1:]))
+    max_k = max(b - a for a, b in zip(keys, keys[1:]))
+    return ops.attention_to_keys(q, k_row, v_row, to_cu(local), to_cu(keys), max_q, max_k)
+
+
 def apply_context_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
     """Makes a `Qwen35ForCausalLM` context-parallel over the ranks of `group` (in place; before
-    activation checkpointing, compile and FSDP): GDN layers pass states, attention layers take
-    the all-to-all."""
-    check_heads_divide(model.config, dist.get_world_size(group), ATTENTION_HEADS, "parallel.cp")
-    return shard_rows(model, group, _mix)
+    activation checkpointing, compile and FSDP): GDN layers pass states, attention layers gather
+    keys and values."""
+    return shard_rows(model, group, _mix, _attend)

@@ -157,31 +157,31 @@ def forward_on_slice(model, group, input_ids, position_ids=None, cu_seqlens=None
     return model.loss(hidden, targets, router_logits)
 
 
-ATTENTION_HEADS = ("num_attention_heads", "num_key_value_heads")
-GDN_HEADS = ("linear_num_key_heads", "linear_num_value_heads")
+HEAD_COUNTS = ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads")
 
 
-def check_heads_divide(config, ranks: int, keys=ATTENTION_HEADS + GDN_HEADS, option: str = "parallel.sp") -> None:
-    for key in keys:
+def check_heads_divide(config, ranks: int) -> None:
+    for key in HEAD_COUNTS:
         if getattr(config, key) % ranks:
-            raise ValueError(f"{option} = {ranks} must divide the model's {key} ({getattr(config, key)}): "
-                             "each rank mixes whole heads")
+            raise ValueError(f"parallel.sp = {ranks} must divide the model's {key} ({getattr(config, key)}): "
+                             "each rank mixes whole heads (parallel.cp has no such limit)")
 
 
 def apply_sequence_parallel(model: torch.nn.Module, group) -> torch.nn.Module:
     """Makes a `Qwen35ForCausalLM` sequence-parallel over the ranks of `group` (in place; before
     activation checkpointing, compile and FSDP). Raises if a head count does not divide."""
     check_heads_divide(model.config, dist.get_world_size(group))
-    return shard_rows(model, group, _mix)
+    return shard_rows(model, group, _mix, attend_over_heads)
 
 
-def shard_rows(model: torch.nn.Module, group, gdn_mix) -> torch.nn.Module:
-    """Each rank of `group` runs its slice of every row: attention layers over the all-to-all,
-    GDN layers through `gdn_mix(layer, group, *mix arguments)`, the loss over its tokens."""
+def shard_rows(model: torch.nn.Module, group, gdn_mix, attend) -> torch.nn.Module:
+    """Each rank of `group` runs its slice of every row: attention layers through
+    `attend(layer, group, q, k, v, cu_seqlens)`, GDN layers through `gdn_mix(layer, group, *mix
+    arguments)`, the loss over its tokens."""
     for layer in model.model.layers:
         if layer.layer_type == "linear_attention":
             layer.linear_attn.mix = functools.partial(gdn_mix, layer.linear_attn, group)
         else:
-            layer.self_attn.attend = functools.partial(attend_over_heads, layer.self_attn, group)
+            layer.self_attn.attend = functools.partial(attend, layer.self_attn, group)
     model.forward = functools.partial(forward_on_slice, model, group)
     return model

@@ -203,7 +203,8 @@ class ParallelConfig:
            "(divides the process count and every head count); data-parallel replicas = processes / sp")
     cp: int = option(
         1, "context parallelism: ranks that share each row, each holding 1/cp of its tokens; GDN layers "
-           "pass recurrent states between ranks, attention layers take sp's all-to-all (exclusive with sp)")
+           "pass recurrent states between ranks, attention layers gather keys and values (no head-count "
+           "limit; exclusive with sp)")
 
 
 @dataclass

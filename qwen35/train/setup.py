@@ -68,7 +68,9 @@ class Runtime:
                                     device_id=device if device.type == "cuda" else None)
         sp, cp, row_group = cfg.parallel.sp, cfg.parallel.cp, None
         if sp > 1 and cp > 1:
-            raise UserError("parallel.sp and parallel.cp cannot both be > 1 (not built yet)")
+            raise UserError(f"parallel.sp ({sp}) and parallel.cp ({cp}) together are not built: set one of them to 1. "
+                            "parallel.cp has no head-count limit and its exchange does not grow with the row, so "
+                            "it is the one for rows longer than parallel.sp's head counts allow")
         for key, n in (("parallel.sp", sp), ("parallel.cp", cp)):
             if n < 1 or world_size % n:
                 raise UserError(f"{key} ({n}) must be >= 1 and divide the number of processes ({world_size})")

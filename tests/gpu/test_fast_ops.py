@@ -205,6 +205,25 @@ def test_causal_attention_matches_reference_with_grouped_kv_and_head_dim_256(fas
     assert_all_close({"o": (of, orf), "dq": (gf[0], gr[0]), "dk": (gf[1], gr[1]), "dv": (gf[2], gr[2])})
 
 
+def test_attention_to_keys_matches_reference_with_fewer_queries_than_keys(fast_backend):
+    """Context parallelism's attention: a slice's queries (the last of their documents) against
+    keys from each document's start; flash's bottom-right causal alignment must be what the
+    reference spells out."""
+    from qwen35.ops import fast
+
+    cu_q = torch.tensor([0, 70, 100, 230], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 300, 330, 460], dtype=torch.int32, device="cuda")  # document 0 began 230 earlier
+    q = torch.randn(1, 230, 8, 256, device="cuda")
+    k, v = torch.randn(2, 1, 460, 2, 256, device="cuda").unbind(0)
+    (qf, kf, vf), (qr, kr, vr) = leaves(q, k, v)
+    of = fast.attention_to_keys(qf, kf, vf, cu_q, cu_k, 130, 300)
+    orf = attention.attention_to_keys(qr, kr, vr, cu_q, cu_k)
+    assert of.shape == orf.shape == q.shape
+    do = torch.randn_like(orf)
+    gf, gr = grads((of,), (do,), (qf, kf, vf)), grads((orf,), (do,), (qr, kr, vr))
+    assert_all_close({"o": (of, orf), "dq": (gf[0], gr[0]), "dk": (gf[1], gr[1]), "dv": (gf[2], gr[2])})
+
+
 def test_causal_attention_casts_float32_queries_under_autocast(fast_backend):
     """Rotary tables in float32 promote q and k to float32 under autocast; flash wants bf16."""
     from qwen35.ops import fast

@@ -1,7 +1,8 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen35.ops.attention import cached_attention, causal_attention
+from qwen35.ops.attention import attention_to_keys, cached_attention, causal_attention
 
 
 def _qkv(length, batch=1, heads=4, kv_heads=2, dim=8, seed=0):
@@ -51,3 +52,21 @@ def test_cached_attention_of_ragged_sequences_equals_full_attention():
     out = cached_attention(newest, k, v, lengths)
     assert torch.allclose(out[0, 0], _explicit(q[:1], k[:1], v[:1])[0, 6], atol=1e-6)
     assert torch.allclose(out[1, 0], _explicit(q[1:, :4], k[1:, :4], v[1:, :4])[0, 3], atol=1e-6)
+
+
+@pytest.mark.parametrize("start, end", [(6, 12), (4, 9), (0, 5), (12, 15)])
+def test_attention_to_keys_equals_the_slice_of_the_whole_rows_attention(start, end):
+    """A slice of a packed row's queries against the keys from its first document's start (an
+    earlier slice's tokens included) gives that slice of the whole row's causal attention."""
+    q, k, v = _qkv(15)
+    bounds = [0, 4, 5, 15]
+    whole = causal_attention(q, k, v, torch.tensor(bounds, dtype=torch.int32))
+    first = max(b for b in bounds if b <= start)
+    local = [0, *(b - start for b in bounds if start < b < end), end - start]
+    keys = [0, *(b + start - first for b in local[1:])]
+    out = attention_to_keys(q[:, start:end], k[:, first:end], v[:, first:end], torch.tensor(local, dtype=torch.int32),
+                            torch.tensor(keys, dtype=torch.int32))
+    assert torch.allclose(out, whole[:, start:end], atol=1e-6)
+    if first < start:  # the keys before the slice count: without them the result differs
+        alone = causal_attention(q[:, start:end], k[:, start:end], v[:, start:end], torch.tensor(local, dtype=torch.int32))
+        assert not torch.allclose(alone, whole[:, start:end], atol=1e-3)

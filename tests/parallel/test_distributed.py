@@ -258,15 +258,24 @@ def test_sigterm_to_one_rank_stops_both_at_one_checkpoint_and_resumes_on_two_and
     assert max(abs(two_then_one[s] - uninterrupted[s]) for s in two_then_one) <= 1e-6
 
 
-def test_sequence_and_context_parallel_training_match_one_process(tmp_path):
-    _ok(_launch(_flags(tmp_path, "one", 6), nproc=1))
-    one, norms_one = _losses(tmp_path / "one"), _losses(tmp_path / "one", "grad_norm")
+def test_builtin_run_with_sequence_and_context_parallelism_logs_the_losses_of_one_process(tmp_path):
+    """The issue's commands, each in its own output directory: `torchrun --nproc-per-node 2 -m
+    qwen35 train --parallel.sp 2 --train.max_steps 6 --train.log_steps 1` (the built-in default:
+    the tiny preset on the generated task, rows of 512 tokens) and the same with `--parallel.cp 2`,
+    against one process."""
+    def run(name, nproc, *extra):
+        flags = ["--train.max_steps", "6", "--train.log_steps", "1", "--train.output_dir", str(tmp_path / name),
+                 "--checkpoint.export_final", "false"]  # no export, so no evaluation of it: the test's time
+        _ok(_launch([*extra, *flags], nproc=nproc))
+        return _losses(tmp_path / name), _losses(tmp_path / name, "grad_norm")
+
+    one, norms_one = run("one", 1)
+    assert sorted(one) == list(range(1, 7)) and one[6] < one[1]
     for kind in ("sp", "cp"):
-        _ok(_launch(_flags(tmp_path, kind, 6, f"--parallel.{kind}", "2"), nproc=2))
-        two, norms_two = _losses(tmp_path / kind), _losses(tmp_path / kind, "grad_norm")
-        assert sorted(one) == sorted(two) == list(range(1, 7))
-        assert max(abs(one[s] - two[s]) for s in one) <= 1e-5, kind
-        assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-5, kind
+        two, norms_two = run(kind, 2, f"--parallel.{kind}", "2")
+        assert sorted(two) == list(range(1, 7)), kind
+        assert max(abs(one[s] - two[s]) for s in one) <= 1e-4, (kind, one, two)
+        assert max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in one) <= 1e-4, kind
 
 
 def test_the_built_in_default_run_on_two_processes_trains_exports_once_and_prints_one_accuracy(tmp_path):
