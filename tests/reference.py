@@ -182,3 +182,19 @@ def random_adapters(model, std: float = 0.05) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * std)
+
+
+def copy_dequantized(qlora, plain, dtype) -> None:
+    """Gives `plain` (the same model in float) the dequantized weights of `qlora`'s 4-bit routed
+    experts and linear layers."""
+    import bitsandbytes as bnb
+
+    from qwen35.lora.nf4_experts import NF4ExpertWeight
+
+    with torch.no_grad():
+        for name, module in qlora.named_modules():
+            if isinstance(module, NF4ExpertWeight):
+                plain.get_parameter(name).copy_(module.dequantize(dtype))
+            elif isinstance(module, bnb.nn.Linear4bit):
+                plain.get_submodule(name).weight.copy_(
+                    bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state))

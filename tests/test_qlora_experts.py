@@ -5,7 +5,7 @@ dequantized weights does (bitsandbytes runs NF4 on the CPU)."""
 import pytest
 import torch
 
-from reference import hf_moe_model, ours_from_hf, random_adapters
+from reference import copy_dequantized, hf_moe_model, ours_from_hf, random_adapters
 from qwen35 import Qwen35ForCausalLM, ops
 from qwen35.checkpoint.hf import load_weights, read_model_config
 from qwen35.lora import LoraSettings, QuantizedExperts, apply_lora, quantize_experts, quantize_linear_layers
@@ -68,13 +68,7 @@ def _pair(tmp_path):
     qlora = Qwen35ForCausalLM.from_pretrained(tmp_path / "hf_saved")
     plain = Qwen35ForCausalLM.from_pretrained(tmp_path / "hf_saved")
     quantize_linear_layers(quantize_experts(qlora), torch.float32)
-    with torch.no_grad():
-        for name, module in qlora.named_modules():
-            if isinstance(module, NF4ExpertWeight):
-                plain.get_parameter(name).copy_(module.dequantize(torch.float32))
-            elif isinstance(module, bnb.nn.Linear4bit):
-                plain.get_submodule(name).weight.copy_(
-                    bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state))
+    copy_dequantized(qlora, plain, torch.float32)
     settings = LoraSettings(rank=2, alpha=4, target_modules=ATTENTION, target_parameters=EXPERTS)
     for model in (qlora, plain):
         apply_lora(model, settings)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reference import relative_error
+from reference import copy_dequantized, relative_error
 from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset
 from qwen35.model.cache import InferenceCache
 
@@ -135,6 +135,48 @@ def test_qlora_step_on_the_fast_path_matches_the_dequantized_model(fast_backend)
     adapters = sorted(n for n in grads_q if "lora_" in n)
     assert adapters and all(grads_q[n] is not None for n in adapters)
     assert relative_error(loss_q, loss_p) <= 1e-2
+    assert relative_error(flat({n: grads_q[n] for n in adapters}), flat({n: grads_p[n] for n in adapters})) <= 2e-2
+
+
+def test_4bit_expert_stack_on_the_gpu_equals_bitsandbytes_per_expert():
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install bitsandbytes)")
+    from qwen35.lora.nf4_experts import NF4ExpertWeight
+
+    weights = torch.randn(6, 1024, 2048, device="cuda", dtype=torch.bfloat16) * 0.02  # 35B-A3B expert size
+    stored = NF4ExpertWeight(weights.shape, device="cuda")
+    for e in range(6):
+        stored.quantize_expert(e, weights[e])
+    stack = stored.dequantize(torch.bfloat16)
+    for e in range(6):
+        codes, state = bnb.functional.quantize_4bit(weights[e], blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(stack[e], bnb.functional.dequantize_4bit(codes, state))
+
+
+def test_qlora_step_with_4bit_experts_on_the_fast_path_matches_the_dequantized_model(fast_backend):
+    """tiny-moe with 4-bit experts and linear layers, adapters on both, bf16 on the GPU with the
+    grouped GEMM: the loss and adapter gradients of the bf16 model holding the dequantized weights."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install bitsandbytes)")
+    from qwen35.lora import LoraSettings, apply_lora, quantize_experts, quantize_linear_layers
+
+    config = preset("tiny-moe", vocab_size=1000)
+    qlora = quantize_linear_layers(quantize_experts(build(config).to(torch.bfloat16)), torch.bfloat16)
+    plain = build(config).to(torch.bfloat16)
+    copy_dequantized(qlora, plain, torch.bfloat16)
+    settings = LoraSettings(rank=8, alpha=16, target_modules=["q_proj", "in_proj_qkv", "out_proj"],
+                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    for model in (qlora, plain):
+        apply_lora(model, settings)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))).cuda())
+    ids, cu = packed_batch(config.vocab_size)
+    loss_q, grads_q = step(qlora, "fast", ids, cu)
+    loss_p, grads_p = step(plain, "fast", ids, cu)
+    adapters = sorted(n for n in grads_q if "lora_" in n)
+    assert "model.layers.0.mlp.experts.weight_adapters.gate_up_proj.lora_A.weight" in adapters
+    assert set(grads_q) == {n for n, _ in qlora.named_parameters() if "lora_" in n}
+    assert relative_error(loss_q, loss_p) <= 1e-3
     assert relative_error(flat({n: grads_q[n] for n in adapters}), flat({n: grads_p[n] for n in adapters})) <= 2e-2
 
 
