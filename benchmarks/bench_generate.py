@@ -6,8 +6,10 @@
 Both sides get the same random-weight model (`--presets`), bf16 weights, the same prompts
 (`--prompt-len` random tokens each, `--batches` of them) and sample at temperature 1 with no
 top-k/top-p and no stop token, so every sequence generates exactly its new tokens. tokens/s counts
-generated tokens over the wall time of the whole call, prefill included; peak memory is the CUDA
-allocator's peak during the call, the weights included.
+generated tokens over the wall time of the whole call, prefill included; "prefill" is the time of
+the same call with one new token, and the decode rate counts the tokens after the first over the
+time beyond it. Each side first runs the same prompts once (kernel autotuning, untimed). Peak
+memory is the CUDA allocator's peak, the weights included.
 
 - ours: `qwen35.engine.DecodeEngine` with one slot per sequence, the fast ops (fla's chunked GDN
   for the prefill, its fused recurrent kernel for decode steps, varlen flash attention), decode
@@ -59,6 +61,14 @@ class Result:
     tokens_per_s: float = 0.0
     peak_gib: float = 0.0
     setup_s: float = 0.0  # ours: building the engine (state, graph capture)
+    prefill_s: float = 0.0  # a call with one new token: the prefill and one sampling step
+    decode_tokens_per_s: float = 0.0  # the tokens after the first over the time after the prefill
+
+
+def _fill_rates(result: Result) -> None:
+    result.tokens_per_s = result.batch * result.new_tokens / result.seconds
+    decode_s = max(result.seconds - result.prefill_s, 1e-9)
+    result.decode_tokens_per_s = result.batch * (result.new_tokens - 1) / decode_s
 
 
 def smoke_config(name: str):
@@ -97,14 +107,18 @@ def run_ours(model, name, prompts: torch.Tensor, new_tokens: int, device) -> Res
         _sync(device)
         result.setup_s = time.perf_counter() - start
         rows = prompts.tolist()
-        engine.generate(rows[: min(batch, 4)], 4, temperature=1.0)  # first prefill: kernel autotuning
+        engine.generate(rows, 2, temperature=1.0)  # the same prefill shapes first: kernel autotuning
         _sync(device)
+        start = time.perf_counter()
+        engine.generate(rows, 1, temperature=1.0)
+        _sync(device)
+        result.prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         tokens, _ = engine.generate(rows, new_tokens, temperature=1.0, generator=torch.Generator().manual_seed(0))
         _sync(device)
         result.seconds = time.perf_counter() - start
         assert all(len(t) == new_tokens for t in tokens), "every sequence generates all its tokens"
-        result.tokens_per_s = batch * new_tokens / result.seconds
+        _fill_rates(result)
         result.peak_gib = _peak_gib(device)
         del engine
     except torch.OutOfMemoryError:
@@ -143,15 +157,18 @@ def run_peer(peer, name, prompts: torch.Tensor, new_tokens: int, device) -> Resu
     try:
         _reset(device)
         with torch.no_grad():
-            peer.generate(ids[: min(batch, 4)], max_new_tokens=4, min_new_tokens=4,
-                          **{**kwargs, "attention_mask": kwargs["attention_mask"][: min(batch, 4)]})
+            peer.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # kernel autotuning
             _sync(device)
+            start = time.perf_counter()
+            peer.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            _sync(device)
+            result.prefill_s = time.perf_counter() - start
             start = time.perf_counter()
             out = peer.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
             _sync(device)
         result.seconds = time.perf_counter() - start
         assert out.shape == (batch, length + new_tokens), out.shape
-        result.tokens_per_s = batch * new_tokens / result.seconds
+        _fill_rates(result)
         result.peak_gib = _peak_gib(device)
     except torch.OutOfMemoryError:
         result.status = "OOM"
@@ -217,8 +234,11 @@ def format_row(r: Result, peer: Result | None = None) -> str:
         return f"{r.system:5s} {r.preset:5s} batch {r.batch:4d}  {r.status}"
     ratio = f"  {r.tokens_per_s / peer.tokens_per_s:5.1f}x peer" if peer and peer.status == "ok" else ""
     setup = f"  (engine built in {r.setup_s:.1f} s)" if r.system == "ours" else ""
+    decode_ratio = (f" (decode {r.decode_tokens_per_s / peer.decode_tokens_per_s:.1f}x)"
+                    if peer and peer.status == "ok" else "")
     return (f"{r.system:5s} {r.preset:5s} batch {r.batch:4d}  prompt {r.prompt_len}  new {r.new_tokens:5d}  "
-            f"{r.tokens_per_s:10,.0f} tok/s  {r.seconds:7.2f} s  peak {r.peak_gib:6.1f} GiB{ratio}{setup}")
+            f"{r.tokens_per_s:9,.0f} tok/s  {r.seconds:7.2f} s  (prefill {r.prefill_s:5.2f} s, decode "
+            f"{r.decode_tokens_per_s:9,.0f} tok/s)  peak {r.peak_gib:6.1f} GiB{ratio}{decode_ratio}{setup}")
 
 
 def main(argv=None) -> list[Result]:

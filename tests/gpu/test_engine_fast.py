@@ -41,9 +41,8 @@ def _model(dtype):
     return Qwen35ForCausalLM.from_config(Qwen35Config(**TINY), device="cuda", dtype=dtype).eval()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graphs_replay_the_eager_step(fast_backend, dtype):
-    model = _model(dtype)
+def test_graphs_replay_the_eager_step(fast_backend):
+    model = _model(torch.bfloat16)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 1000, (n,), generator=gen).tolist() for n in (40, 7, 130, 64, 1, 90)]
     graphed = DecodeEngine(model, num_slots=4, max_length=200, attention_bucket=64)
