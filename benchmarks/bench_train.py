@@ -21,6 +21,12 @@ compiles the layers with `mode="reduce-overhead"`, an experiment the trainer doe
            model's FLOPs (the frozen weights still run forward and backward through activations).
 - `offload` bf16 weights and gradients on the GPU, float32 masters and AdamW state in CPU memory
            (`qwen35.train.optim.OffloadedAdamW`, the trainer's `optim.cpu_offload`).
+- `fp32m-adam8`  as fp32m with bitsandbytes' 8-bit AdamW (`optim.name adamw8bit`).
+- `bf16-kahan`   bf16 weights and gradients, float32 moments, each update's rounding error kept in
+                 a bf16 compensation buffer (`optim.weights bf16_kahan`); `bf16-kahan-adam8` with
+                 8-bit moments; `bf16-adam8` bf16 weights rounded each step, 8-bit moments. These
+                 build the trainer's optimizer (`qwen35.train.optim.build_optimizer`, weight decay
+                 0.1 on matrices only).
 
 checkpointing: `none`, `selective` (keep matmul and attention outputs, recompute the rest) or
 `full` (one layer input kept, the layer rerun in backward); see `qwen35.parallel.checkpointing`.
@@ -75,7 +81,11 @@ from qwen35.parallel.checkpointing import apply_activation_checkpointing  # noqa
 from qwen35.parallel.compile import compile_layers  # noqa: E402
 from qwen35.train.config import LoraConfig  # noqa: E402
 from qwen35.train.flops import PEAK_BF16_FLOPS, step_flops  # noqa: E402
-from qwen35.train.optim import OffloadedAdamW  # noqa: E402
+from qwen35.train.optim import OffloadedAdamW, build_optimizer  # noqa: E402
+
+# --ours precisions that the trainer's optimizer options build: name -> (optim.name, optim.weights)
+OPTIM_PRECISIONS = {"fp32m-adam8": ("adamw8bit", "float32"), "bf16-kahan": ("adamw", "bf16_kahan"),
+                    "bf16-kahan-adam8": ("adamw8bit", "bf16_kahan"), "bf16-adam8": ("adamw8bit", "bf16")}
 
 
 
@@ -273,7 +283,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
     result = Result("ours", variant, name, sum(lengths), len(lengths), steps=steps)
 
     def run(result):
-        dtype = torch.float32 if precision == "fp32m" else torch.bfloat16
+        dtype = torch.float32 if precision.startswith("fp32m") else torch.bfloat16
         model = Qwen35ForCausalLM.from_config(config, device=device, dtype=dtype)
         if precision == "qlora":
             quantize_linear_layers(model, torch.bfloat16)
@@ -289,11 +299,14 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
         trained = [p for p in model.parameters() if p.requires_grad]
         if precision == "offload":
             optimizer = OffloadedAdamW(trained, lr=1e-5, weight_decay=0.1)
+        elif precision in OPTIM_PRECISIONS:
+            name, weights = OPTIM_PRECISIONS[precision]
+            optimizer = build_optimizer(model, 1e-5, 0.1, (0.9, 0.95), 1e-8, name=name, weights=weights)
         else:
             optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.1, fused=fused or None)
         _with_optimizer_state(optimizer, trained)
         batch = packed_batch(config.vocab_size, lengths, device)
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision != "bf16"
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if not precision.startswith("bf16")
                     else contextlib.nullcontext())
 
         def step():

@@ -98,7 +98,10 @@ def parameter_dtype(cfg: RunConfig, rt: Runtime) -> torch.dtype:
     """float32 master weights, unless they are elsewhere on one device under bf16 compute: a
     frozen base (LoRA) needs none, and `optim.cpu_offload` keeps them in the optimizer. The model
     then holds bf16, which autocast would cast to anyway (the float32 parameters of DESIGN §3 stay
-    float32). Under FSDP the parameters stay float32, one dtype per sharded group."""
+    float32). Under FSDP the parameters stay float32, one dtype per sharded group. `optim.weights`
+    bf16_kahan or bf16 asks for bf16 weights outright."""
+    if cfg.optim.weights != "float32":
+        return torch.bfloat16
     if (cfg.lora.rank or cfg.optim.cpu_offload) and rt.autocast_dtype is not None and rt.world_size == 1:
         return rt.autocast_dtype
     return torch.float32
@@ -109,6 +112,9 @@ def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
     qlora = cfg.lora.quantize_base == "nf4"
     if cfg.optim.cpu_offload and rt.world_size > 1:
         raise UserError("optim.cpu_offload is for one process; under FSDP use parallel.cpu_offload")
+    if (cfg.optim.name != "adamw" or cfg.optim.weights != "float32") and rt.world_size > 1:
+        raise UserError(f"optim.name {cfg.optim.name} with optim.weights {cfg.optim.weights} runs in one process: "
+                        "under FSDP use optim.name adamw and optim.weights float32")
     if qlora and rt.world_size > 1:
         raise UserError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
     if cfg.parallel.ep < 1:

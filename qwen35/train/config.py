@@ -48,8 +48,8 @@ class ModelConfig:
         "kernels) or flash_qla (QwenLM's FlashQLA, TileLang, SM90+; pip install flash-qla). "
         "With kernels: auto an unusable FlashQLA falls back to fla with a warning")
     dtype: Literal["auto", "float32", "bfloat16"] = option(
-        "auto", "Compute dtype (parameters and optimizer state stay float32); "
-        "auto: bfloat16 on GPU, float32 on CPU")
+        "auto", "Compute dtype (parameters and optimizer state stay float32 unless optim.weights says "
+        "otherwise); auto: bfloat16 on GPU, float32 on CPU")
 
 
 @dataclass
@@ -140,6 +140,14 @@ class OptimConfig:
     scheduler: Literal["cosine", "linear", "constant"] = option(
         "cosine", "Learning-rate decay after warmup")
     warmup_steps: int = option(0, "Steps of linear warmup from 0 to lr")
+    name: Literal["adamw", "adamw8bit"] = option(
+        "adamw", "adamw, or adamw8bit: the moments in 8-bit blocks (bitsandbytes), 2 bytes per weight "
+                 "instead of 8; one process")
+    weights: Literal["float32", "bf16_kahan", "bf16"] = option(
+        "float32", "How trained weights are held: float32 masters (bf16 compute under autocast on GPU), "
+                   "bf16_kahan (bf16 weights and gradients; each update's rounding error kept in a bf16 "
+                   "compensation buffer: tracks float32 masters), bf16 (rounded at every step: updates "
+                   "below half a bf16 spacing are lost); one process, full fine-tuning")
     cpu_offload: bool = option(
         False, "One process: float32 master weights and AdamW state in CPU memory, bf16 weights and "
                "gradients on the GPU (9B on one 80 GB GPU); several: see parallel.cpu_offload")
@@ -276,6 +284,11 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.lora.quantize_base == "none" or cfg.lora.rank > 0, "lora.quantize_base needs lora.rank > 0 (QLoRA)")
     need(cfg.lora.rank == 0 or cfg.model.path is not None,
          "lora.rank > 0 needs model.path: adapters fine-tune a checkpoint")
+    need(not cfg.optim.cpu_offload or (cfg.optim.name, cfg.optim.weights) == ("adamw", "float32"),
+         "optim.cpu_offload keeps float32 masters and AdamW state on the CPU: it takes optim.name adamw "
+         "and optim.weights float32")
+    need(cfg.lora.rank == 0 or cfg.optim.weights == "float32",
+         "optim.weights bf16_kahan or bf16 is for full fine-tuning (lora.rank 0): adapters train in float32")
     need(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
     need(all(0.0 <= b < 1.0 for b in cfg.optim.betas), "optim.betas must be in [0, 1)")
 

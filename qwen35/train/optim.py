@@ -1,9 +1,18 @@
 """AdamW and the learning-rate schedule.
 
-Parameters are float32 (the master weights); compute runs in bf16 under autocast on GPU. Norm
-weights, biases and the GDN decay parameters (every parameter with fewer than two dimensions)
-get no weight decay, as in transformers' Trainer: decaying `A_log` toward 0 would pull every
-head's decay rate toward exp(0) = 1 regardless of the data.
+By default parameters are float32 (the master weights) and compute runs in bf16 under autocast on
+GPU. `optim.weights` and `optim.name` trade that for memory (bytes per trained weight: weight,
+gradient, moments, and the compensation where there is one):
+
+| optim.weights | optim.name adamw | optim.name adamw8bit |
+|---|---|---|
+| float32 (masters) | 4 + 4 + 8 = 16 | 4 + 4 + 2 = 10 (bitsandbytes' AdamW8bit) |
+| bf16_kahan | 2 + 2 + 8 + 2 = 14 (`KahanAdamW`) | 2 + 2 + 2 + 2 = 8 (`KahanAdamW`, 8-bit moments) |
+| bf16 (rounded each step) | 2 + 2 + 4 = 8 (bf16 moments) | 2 + 2 + 2 = 6 |
+
+Norm weights, biases and the GDN decay parameters (every parameter with fewer than two
+dimensions) get no weight decay, as in transformers' Trainer: decaying `A_log` toward 0 would pull
+every head's decay rate toward exp(0) = 1 regardless of the data.
 """
 
 from __future__ import annotations
@@ -12,17 +21,36 @@ import math
 
 import torch
 
+from qwen35.train.kahan import KahanAdamW, load_state_keeping_dtypes
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+WEIGHTS = ("float32", "bf16_kahan", "bf16")
+
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float,
-                    cpu_offload: bool = False) -> torch.optim.Optimizer:
+                    cpu_offload: bool = False, name: str = "adamw", weights: str = "float32") -> torch.optim.Optimizer:
+    """The optimizer of `optim.name` for the model's trainable parameters; `weights` says how the
+    model holds them (`build.parameter_dtype` made them bf16 unless float32)."""
+    if name not in OPTIMIZERS or weights not in WEIGHTS:
+        raise ValueError(f"optim.name must be one of {OPTIMIZERS} and optim.weights one of {WEIGHTS}, "
+                         f"not {name!r} and {weights!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    settings = dict(lr=lr, betas=tuple(betas), eps=eps)
     if cpu_offload:
-        return OffloadedAdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+        return OffloadedAdamW(groups, **settings)
+    if weights == "bf16_kahan":
+        return KahanAdamW(groups, **settings, moments="8bit" if name == "adamw8bit" else "float32")
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("optim.name adamw8bit needs bitsandbytes: pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit(groups, **settings)
     fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    return torch.optim.AdamW(groups, **settings, fused=fused or None)
 
 
 class OffloadedAdamW(torch.optim.Optimizer):
@@ -51,12 +79,7 @@ class OffloadedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, except that the state stays float32 on the CPU (torch's would cast every
         state tensor to its parameter's dtype and device: bf16, on the GPU)."""
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            if saved_id in state_dict["state"]:
-                self.state[p] = {k: v.to("cpu", copy=True) for k, v in state_dict["state"][saved_id].items()}
+        load_state_keeping_dtypes(self, state_dict, lambda p: torch.device("cpu"))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -101,7 +101,7 @@ def train(cfg: RunConfig) -> TrainResult:
     # Experts and the rest live on different meshes under expert parallelism.
     clip_grad_norm = expert_clip_grad_norm_ if cfg.parallel.ep > 1 else torch.nn.utils.clip_grad_norm_
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                cfg.optim.cpu_offload)
+                                cfg.optim.cpu_offload, cfg.optim.name, cfg.optim.weights)
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, total_steps, cfg.optim.scheduler, cfg.optim.min_lr_ratio)
     step = 0
     last_checkpoint = None  # for the message when the run diverges

@@ -58,3 +58,109 @@ def test_offloaded_adamw_equals_adamw_and_keeps_float32_masters_of_bf16_weights(
         assert master.dtype == torch.float32 and p.dtype == torch.bfloat16
         torch.testing.assert_close(p, master.to(torch.bfloat16), rtol=0, atol=0)
         torch.testing.assert_close(master, b, rtol=1e-2, atol=1e-3)  # only the bf16-rounded grads differ
+
+
+def _adamw_reference(w, grads, lr, betas, eps, weight_decay):
+    """AdamW written out in float64: decoupled decay, bias-corrected moments."""
+    import torch
+
+    w, m, v = w.double(), 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        w = w * (1 - lr * weight_decay) - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+    return w
+
+
+SETTINGS = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("moments", ["float32", "8bit"])
+def test_kahan_adamw_step_is_adamw_and_the_compensation_holds_what_rounding_dropped(moments):
+    import torch
+
+    from qwen35.train.kahan import KahanAdamW
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter((torch.randn(64, 96, generator=gen) * 0.05).to(torch.bfloat16))  # 6144 >= 4096: 8-bit
+    grad = torch.randn(p.shape, generator=gen)
+    expected = _adamw_reference(p.detach().float(), [grad.to(torch.bfloat16)], **SETTINGS)
+    optimizer = KahanAdamW([p], **SETTINGS, moments=moments)
+    p.grad = grad.to(torch.bfloat16)
+    optimizer.step()
+    state = optimizer.state[p]
+    assert ("exp_avg_8bit" in state) == (moments == "8bit") and state["compensation"].dtype == torch.bfloat16
+    held = p.detach().double() + state["compensation"].double()
+    # the pair (weight, compensation) holds the float32 result to ~16 significant bits ...
+    # (relative to the weight, or to the step for a weight that the step brought near 0)
+    assert ((held - expected).abs() <= (expected.abs() + SETTINGS["lr"]) * 2**-15).all()
+    # ... while the weight alone is the nearest bf16, which a plain bf16 update would also give
+    assert (p.detach().double() - expected).abs().max() > 1e-5
+    assert (p.detach() == expected.to(torch.bfloat16)).float().mean() > 0.99
+
+
+def test_float32_parameters_get_no_compensation_and_plain_adamw():
+    import torch
+
+    from qwen35.train.kahan import KahanAdamW
+
+    gen = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(16, generator=gen))
+    grads = [torch.randn(16, generator=gen) for _ in range(3)]
+    expected = _adamw_reference(p.detach(), grads, **SETTINGS)
+    optimizer = KahanAdamW([p], **SETTINGS, moments="8bit")
+    for g in grads:
+        p.grad = g
+        optimizer.step()
+    assert "compensation" not in optimizer.state[p] and "exp_avg" in optimizer.state[p]  # small: float32 moments
+    torch.testing.assert_close(p.detach().double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_bitsandbytes_adamw8bit_first_step_is_adamw_on_float32_masters():
+    import torch
+
+    config = Qwen35Config(**TINY_CONFIG)
+    model = Qwen35ForCausalLM.from_config(config)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, name="adamw8bit")
+    assert type(opt).__name__ == "AdamW8bit"
+    weight = model.model.layers[0].mlp.up_proj.weight  # 48 x 32 = 1536 elements: bitsandbytes keeps float32 state
+    big = model.model.embed_tokens.weight
+    gen = torch.Generator().manual_seed(2)
+    before = {p: p.detach().clone() for p in (weight, big)}
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+    for p in (weight, big):
+        expected = _adamw_reference(before[p], [p.grad], **SETTINGS)
+        torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kahan_tracks_float32_masters_where_plain_bf16_stalls_at_a_fine_tuning_lr():
+    """500 steps at lr 1e-5 on weights of size ~0.05: each update is below half a bf16 spacing."""
+    import torch
+
+    from qwen35.train.kahan import KahanAdamW
+
+    gen = torch.Generator().manual_seed(3)
+    start = (torch.randn(128, 64, generator=gen) * 0.05).to(torch.bfloat16)
+    settings = dict(lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    master = torch.nn.Parameter(start.float())
+    kahan, kahan8, plain = (torch.nn.Parameter(start.clone()) for _ in range(3))
+    optimizers = [(master, torch.optim.AdamW([master], foreach=False, **settings)),
+                  (kahan, KahanAdamW([kahan], **settings)), (kahan8, KahanAdamW([kahan8], **settings, moments="8bit")),
+                  (plain, torch.optim.AdamW([plain], foreach=False, **settings))]
+    drift = torch.randn(start.shape, generator=gen)  # a steady direction under the noise: the weights must move
+    for _ in range(200):
+        g = drift + torch.randn(start.shape, generator=gen)
+        for p, optimizer in optimizers:
+            p.grad = g.to(p.dtype)
+            optimizer.step()
+    moved = (master.detach() - start.float()).abs().mean()
+    assert moved > 5e-4
+    for p, optimizer, bound in ((kahan, optimizers[1][1], 0.02), (kahan8, optimizers[2][1], 0.1)):
+        held = p.detach().float() + optimizer.state[p]["compensation"].float()
+        err = (held - master.detach()).abs().mean()
+        assert err < bound * moved, (err, moved)
+    plain_moved = (plain.detach().float() - start.float()).abs().mean()
+    assert plain_moved < 0.5 * moved, (plain_moved, moved)
