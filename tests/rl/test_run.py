@@ -40,6 +40,14 @@ def test_rl_keys_go_through_the_train_parser():
         load_run_config(None, ["--grpo.overlong", "penalty"], RLRunConfig)
 
 
+def test_the_miles_recipe_keeps_its_numbers():
+    cfg = load_run_config(Path(__file__).parents[2] / "configs" / "rl" / "dapo_math_4b.yaml", [], RLRunConfig)
+    assert (cfg.train.prompts_per_step, cfg.rollout.n_samples_per_prompt) == (32, 8)
+    assert (cfg.grpo.eps_clip, cfg.grpo.eps_clip_high, cfg.grpo.kl_coef) == (0.2, 0.28, 0.0)
+    assert (cfg.rollout.max_response_length, cfg.eval.n_samples_per_eval_prompt) == (8192, 16)
+    assert cfg.optim.lr == 1e-6 and cfg.model.path.endswith("Qwen3.5-4B")
+
+
 def test_rl_help_lists_every_section_and_a_user_error_is_one_line(capsys, tmp_path):
     main(["rl", "--help"])  # returns: exit code 0
     text = capsys.readouterr().out
