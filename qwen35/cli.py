@@ -123,12 +123,7 @@ def _rl(args: list[str]) -> int:
         raise UserError(str(e)) from e
     from qwen35.rl.run import run_rl
 
-    try:
-        result = run_rl(cfg)
-    except UserError:
-        raise
-    except (ValueError, FileNotFoundError) as e:  # a reward name, a data file: named in the message
-        raise UserError(str(e)) from e
+    result = run_rl(cfg)
     import torch.distributed as dist
 
     if dist.is_initialized():

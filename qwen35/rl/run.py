@@ -81,7 +81,10 @@ def _prompts(cfg: RLRunConfig, path: str, tokenizer, what: str, limit: int = 0) 
         examples = [e for e in examples if len(e.prompt_ids) <= cfg.data.max_prompt_length]
     if not examples:
         raise UserError(f"{what} {path}: no prompt (of at most data.max_prompt_length tokens)")
-    check_prompts(cfg.grpo.reward, [e.prompt_text for e in examples])
+    try:
+        check_prompts(cfg.grpo.reward, [e.prompt_text for e in examples])
+    except ValueError as e:
+        raise UserError(f"{what} {path}: {e}") from None
     return examples
 
 
@@ -130,7 +133,10 @@ def run_rl(cfg: RLRunConfig) -> RLResult:
                         "(`qwen35 rl` without arguments runs the built-in arithmetic run)")
     if not cfg.model.path and not cfg.model.preset:
         raise UserError("no policy: set model.path to a Hugging Face model directory (or model.preset)")
-    reward_fn = resolve_reward(cfg.grpo.reward)  # a bad name fails before any work
+    try:  # a bad name fails before any work
+        reward_fn = resolve_reward(cfg.grpo.reward)
+    except ValueError as e:
+        raise UserError(f"grpo.reward: {e}") from None
     grpo = cfg.grpo.grpo(cfg.rollout, cfg.train.grad_clip)
     rt = Runtime.start(cfg)
     dp = DataParallel.from_process_group(rt.device)

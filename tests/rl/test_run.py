@@ -61,6 +61,11 @@ def test_rl_help_lists_every_section_and_a_user_error_is_one_line(capsys, tmp_pa
     with pytest.raises(SystemExit) as stopped:
         main(["rl", "--rollout.temperature", "0.5"])
     assert stopped.value.code == 2 and "data.train_path" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main(["rl", "--model.path", str(tmp_path), "--data.train_path", str(tmp_path / "p.jsonl"),
+              "--grpo.reward", "no_such_reward"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("error: grpo.reward: reward 'no_such_reward'")
 
 
 def _flags(tmp_path, out, *extra):
