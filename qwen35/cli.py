@@ -99,16 +99,36 @@ def train_config(args: list[str]):
     return cfg
 
 
-def _rl(args: list[str]) -> None:
-    """`rl`: so far the built-in run only; config files and flags come with the shared run-config parser."""
-    if "-h" in args or "--help" in args:
-        print(RL_USAGE)
-        return
-    if args:
-        raise UserError(f"qwen35 rl: unexpected arguments {args}\n\n{RL_USAGE}")
-    from qwen35.rl.builtin import run_builtin
+def _rl(args: list[str]) -> int:
+    """`rl`: without arguments the built-in run; else a YAML path and dotted flags, read by the
+    parser of `train` into the GRPO run config (`qwen35.rl.config`)."""
+    from qwen35.rl.config import RLRunConfig
+    from qwen35.train.config_parser import format_help, load_run_config
 
-    run_builtin()
+    if "-h" in args or "--help" in args:
+        print(RL_USAGE + "\n" + format_help(RLRunConfig))
+        return 0
+    if not args:
+        from qwen35.rl.builtin import run_builtin
+
+        run_builtin()
+        return 0
+    rest = list(args)
+    yaml_path = rest.pop(0) if not rest[0].startswith("-") else None
+    try:
+        cfg = load_run_config(yaml_path, rest, RLRunConfig)
+    except UserError:
+        raise
+    except (ValueError, FileNotFoundError) as e:  # every one of these names the key, file or line
+        raise UserError(str(e)) from e
+    from qwen35.rl.run import run_rl
+
+    result = run_rl(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -152,12 +172,14 @@ the generated task. Keys may be set in the YAML file or as flags:
 """
 
 
-RL_USAGE = """usage: qwen35 rl
+RL_USAGE = """usage: qwen35 rl [CONFIG.yaml] [--section.key VALUE ...]
 
-The built-in GRPO run: starts from the built-in SFT run's export (outputs/default/final, trained
-first when missing), runs GRPO on the generated arithmetic task with exact match as the reward,
-and prints held-out exact match before and after (also in outputs/default-rl/eval.json).
-Docs: docs/rl.md.
+Without arguments, the built-in GRPO run: starts from the built-in SFT run's export
+(outputs/default/final, trained first when missing), runs GRPO on the generated arithmetic task
+with exact match as the reward, and prints held-out exact match before and after (also in
+outputs/default-rl/eval.json). Otherwise a GRPO run of model.path (or model.preset) on the prompt
+records of data.train_path (configs/rl/dapo_math_4b.yaml is the miles Qwen3.5 recipe). Docs:
+docs/rl.md. Keys may be set in the YAML file or as flags:
 """
 
 
@@ -171,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("train", help="train: qwen35 train [CONFIG.yaml] [--section.key VALUE ...]; "
                         "without arguments, the built-in default run", add_help=False)
 
-    commands.add_parser("rl", help="GRPO: qwen35 rl runs the built-in run (see qwen35 rl --help)", add_help=False)
+    commands.add_parser("rl", help="GRPO: qwen35 rl [CONFIG.yaml] [--section.key VALUE ...]; without arguments, "
+                        "the built-in run", add_help=False)
 
     evaluate = commands.add_parser("eval", help="loss and perplexity on a data file (assistant tokens); "
                                    "on the built-in task's files also exact match")
@@ -225,8 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "train":
             code = _train(argv[1:])
         elif argv and argv[0] == "rl":
-            _rl(argv[1:])
-            code = 0
+            code = _rl(argv[1:])
         else:
             args = build_parser().parse_args(argv)
             args.run(args)

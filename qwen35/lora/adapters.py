@@ -17,7 +17,9 @@ the pairs in `weight_adapters`. PEFT allows no dropout there.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +88,8 @@ class ExpertAdapter(nn.Module):
         return torch.bmm(b, a) * self.lora_scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "lora_enabled", True):
+            return weight
         return weight + self.delta().to(weight.dtype)
 
 
@@ -120,6 +124,8 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _add_delta(module: nn.Linear, inputs, output):
+    if not getattr(module, "lora_enabled", True):
+        return output
     x = module.lora_dropout(inputs[0])
     return output + module.lora_B(module.lora_A(x.to(module.lora_A.weight.dtype))).to(output.dtype) * module.lora_scale
 
@@ -150,6 +156,20 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     model.lora_settings = settings
     reset_lora_parameters(model)
     return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model, inside the block: every adapter is skipped (GRPO's KL reference with a LoRA
+    policy is the base, at no extra memory). Nothing is copied or changed but a flag."""
+    adapted = [m for m in model.modules() if hasattr(m, "lora_A")]
+    for module in adapted:
+        module.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for module in adapted:
+            module.lora_enabled = True
 
 
 def lora_parameter_names(model: nn.Module) -> set[str]:

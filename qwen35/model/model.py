@@ -254,14 +254,20 @@ class Qwen35ForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, cache=None):
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, labels=None, cache=None, head=None):
         """Logits, or with `labels` (transformers' convention: aligned with `input_ids`, -100 for
         no loss, shifted here) the loss, computed in chunks so full logits never exist at once.
 
         In a packed row a document's first token is never a target of the token before it.
+
+        `head(hidden_BTD, lm_head)`, when given, replaces both and its result is returned (GRPO's
+        per-token log-probs, `qwen35.rl.logprobs`): it runs inside this forward, where FSDP has
+        gathered the head's weight and an adapter on the head takes part.
         """
         router_logits = [] if self.config.num_experts and labels is not None else None
         hidden = self.model(input_ids, position_ids, cu_seqlens, cache, router_logits)
+        if head is not None:
+            return head(hidden, self.lm_head)
         return causal_lm_output(self.config, hidden, self.lm_head, labels, cu_seqlens, router_logits)
 
     def loss(self, hidden_BTD, targets_BT, router_logits: list | None = None) -> CausalLMOutput:

@@ -11,10 +11,13 @@ use them.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 
 def data_parallel_mesh(device_type: str) -> DeviceMesh:
@@ -36,3 +39,33 @@ def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, reshard_after_forward: 
         fully_shard(layer, mesh=mesh, **policy)
     fully_shard(model, mesh=mesh, **policy)
     return model
+
+
+@contextlib.contextmanager
+def gathered_for_decoding(model: torch.nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
+    """Inside the block every rank holds the whole model, gathered once: decoding (GRPO's
+    rollouts) runs as many forwards as it has tokens to sample, and ranks stop at different
+    lengths, so a per-forward all-gather would both repeat the traffic at every token and hang
+    the ranks that finished. The full weights must fit beside the rollout's cache (a GRPO run of
+    a size that does not fit gathers per layer in a rollout engine of its own). A no-op for a
+    model that is not sharded.
+
+    One 1-token forward with resharding switched off gathers every unit and keeps it gathered
+    (it also performs FSDP's lazy set-up, which a decoding loop that calls submodules would
+    otherwise leave to the first layer); afterwards each unit is resharded and its setting
+    restored (the root keeps its weights after forward, as FSDP sets it)."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False, recurse=True)
+    with torch.no_grad():
+        device = next(p for p in model.parameters()).device
+        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            if unit is not model:
+                unit.set_reshard_after_forward(reshard_after_forward, recurse=False)

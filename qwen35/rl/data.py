@@ -31,10 +31,14 @@ def _messages(prompt, where: str, input_key: str) -> list[dict]:
 
 
 def load_prompts(path: str | Path, tokenizer, input_key: str = "prompt", label_key: str = "label",
-                 enable_thinking: bool | None = None, limit: int | None = None) -> list[PromptExample]:
-    """Every record of `path` rendered for generation; a record without either key is an error
-    that names the file, the line and the keys the record has."""
-    template_kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+                 enable_thinking: bool | None = None, limit: int | None = None,
+                 template_kwargs: dict | None = None) -> list[PromptExample]:
+    """Every record of `path` rendered for generation, with the chat template's extra variables
+    `template_kwargs` (`data.template_kwargs`, e.g. {enable_thinking: false}); a record without
+    either key is an error that names the file, the line and the keys the record has."""
+    template_kwargs = dict(template_kwargs or {})
+    if enable_thinking is not None:
+        template_kwargs["enable_thinking"] = enable_thinking
     examples = []
     for where, raw in iter_records(Path(path)):
         if limit is not None and len(examples) >= limit:

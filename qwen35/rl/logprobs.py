@@ -40,8 +40,8 @@ def pack_samples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequenc
     return PackedSamples(torch.tensor([ids], device=device), cu_seqlens, targets, [len(c) for c in completions])
 
 
-def _chunk_logprobs(hidden_ND, weight_VD, targets_N, temperature: float, with_entropy: bool):
-    logp_NV = torch.log_softmax((hidden_ND @ weight_VD.T).float() / temperature, dim=-1)
+def _chunk_logprobs(hidden_ND, lm_head, targets_N, temperature: float, with_entropy: bool):
+    logp_NV = torch.log_softmax(lm_head(hidden_ND).float() / temperature, dim=-1)
     chosen = logp_NV.gather(-1, targets_N[:, None])[:, 0]
     if not with_entropy:
         return chosen, None
@@ -53,19 +53,25 @@ def completion_logprobs(model, samples: PackedSamples, temperature: float = 1.0,
     """`log softmax(logits / temperature)` at each completion token, in sample order `[N]`, and
     the entropy of that distribution when asked. The temperature is the sampling temperature, so
     these are the log-probs the rollout engine records for the same tokens (greedy decoding,
-    temperature 0, records them at temperature 1)."""
+    temperature 0, records them at temperature 1).
+
+    Computed by the model's own forward (its `head` seam), so FSDP's gathering of the weights,
+    adapters and activation checkpointing all apply as in SFT training."""
     temperature = temperature if temperature > 0 else 1.0
-    hidden_TD = model.model(samples.input_ids, cu_seqlens=samples.cu_seqlens)[0]
     keep = samples.targets != IGNORE_INDEX
-    hidden_ND, targets_N = hidden_TD[keep], samples.targets[keep]
-    weight = model.lm_head.weight
-    logps, entropies = [], []
-    for start in range(0, hidden_ND.shape[0], chunk_size):
-        end = start + chunk_size
-        logp, entropy = checkpoint(_chunk_logprobs, hidden_ND[start:end], weight, targets_N[start:end],
-                                   temperature, with_entropy, use_reentrant=False)
-        logps.append(logp)
-        entropies.append(entropy)
-    if not logps:
-        return hidden_ND.new_zeros(0, dtype=torch.float32), None
-    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
+    targets_N = samples.targets[keep]
+
+    def head(hidden_BTD, lm_head):
+        hidden_ND = hidden_BTD[0][keep]
+        logps, entropies = [], []
+        for start in range(0, hidden_ND.shape[0], chunk_size):
+            end = start + chunk_size
+            logp, entropy = checkpoint(_chunk_logprobs, hidden_ND[start:end], lm_head, targets_N[start:end],
+                                       temperature, with_entropy, use_reentrant=False)
+            logps.append(logp)
+            entropies.append(entropy)
+        if not logps:
+            return hidden_ND.new_zeros(0, dtype=torch.float32), None
+        return torch.cat(logps), torch.cat(entropies) if with_entropy else None
+
+    return model(samples.input_ids, cu_seqlens=samples.cu_seqlens, head=head)

@@ -108,7 +108,7 @@ def check_prompts(reward_name: str, prompts: Sequence[str]) -> None:
     with_close = sum("</think>" in p for p in prompts)
     message = (f"{with_close} of {len(prompts)} rendered prompts already contain '</think>' (thinking is "
                "off in the chat template), so their completions have none and the deepscaler reward "
-               "scores them all 0; turn thinking on (data.enable_thinking) or use the 'math' reward")
+               "scores them all 0; turn thinking on (data.template_kwargs: {enable_thinking: true}) or use the 'math' reward")
     if with_close == len(prompts):
         raise ValueError(message)
     if with_close:

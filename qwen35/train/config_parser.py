@@ -22,25 +22,34 @@ from typing import Any, Literal
 
 import yaml
 
-from qwen35.train.config import SECTIONS, RunConfig
+from qwen35.train.config import RunConfig
 
 
-def load_run_config(yaml_path: str | Path | None, overrides: list[str]) -> RunConfig:
+def sections_of(config_cls: type) -> dict[str, type]:
+    """Section name -> its dataclass, in field order: `RunConfig`'s for `train`, the GRPO run
+    config's (`qwen35.rl.config`) for `rl`; one parser reads both."""
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def load_run_config(yaml_path: str | Path | None, overrides: list[str], config_cls: type = RunConfig):
     """Defaults, then the YAML file's values, then the command-line overrides, last one winning.
 
     `overrides` are the arguments after the YAML path: `--train.max_steps 20`,
     `--train.max_steps=20`, or a bare `--train.compile` for true.
     """
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    sections = sections_of(config_cls)
+    values: dict[str, dict[str, Any]] = {name: {} for name in sections}
     if yaml_path is not None:
-        _merge_yaml(values, Path(yaml_path))
-    for key, raw in _split_overrides(overrides):
-        section, name = _resolve_key(key, "command line")
-        values[section][name] = _coerce(raw, section, name, "command line")
-    return RunConfig(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
+        _merge_yaml(values, Path(yaml_path), sections)
+    for key, raw in _split_overrides(overrides, sections):
+        section, name = _resolve_key(key, "command line", sections)
+        values[section][name] = _coerce(raw, section, name, "command line", sections)
+    defaults = config_cls()  # a section's defaults may differ from its class's (GRPO's learning rate)
+    return config_cls(**{s: dataclasses.replace(getattr(defaults, s), **values[s]) for s in sections})
 
 
-def _merge_yaml(values: dict[str, dict[str, Any]], path: Path) -> None:
+def _merge_yaml(values: dict[str, dict[str, Any]], path: Path, sections: dict[str, type]) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"run config {path} does not exist")
     try:
@@ -50,22 +59,22 @@ def _merge_yaml(values: dict[str, dict[str, Any]], path: Path) -> None:
     if doc is None:
         return
     if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+        raise ValueError(f"{path}: expected a mapping of sections ({', '.join(sections)})")
     for section, entries in doc.items():
-        if section not in SECTIONS:
-            close = difflib.get_close_matches(str(section), list(SECTIONS), n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]}?" if close else f"sections are: {', '.join(SECTIONS)}"
+        if section not in sections:
+            close = difflib.get_close_matches(str(section), list(sections), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}?" if close else f"sections are: {', '.join(sections)}"
             raise ValueError(f"{path}: unknown section {section!r}; {hint}")
         if entries is None:
             continue
         if not isinstance(entries, dict):
             raise ValueError(f"{path}: section {section!r} must be a mapping of keys to values")
         for name, value in entries.items():
-            section_, name_ = _resolve_key(f"{section}.{name}", str(path))
-            values[section_][name_] = _coerce(value, section_, name_, str(path))
+            section_, name_ = _resolve_key(f"{section}.{name}", str(path), sections)
+            values[section_][name_] = _coerce(value, section_, name_, str(path), sections)
 
 
-def _split_overrides(args: list[str]) -> list[tuple[str, Any]]:
+def _split_overrides(args: list[str], sections: dict[str, type]) -> list[tuple[str, Any]]:
     pairs = []
     i = 0
     while i < len(args):
@@ -79,7 +88,7 @@ def _split_overrides(args: list[str]) -> list[tuple[str, Any]]:
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             value = args[i + 1]
             i += 2
-        elif _takes_bool(_field_type(*_resolve_key(key, "command line"))):
+        elif _takes_bool(_field_type(*_resolve_key(key, "command line", sections), sections)):
             value = "true"
             i += 1
         else:
@@ -98,28 +107,28 @@ REPLACED_KEYS = {
 }
 
 
-def _resolve_key(key: str, source: str) -> tuple[str, str]:
+def _resolve_key(key: str, source: str, sections: dict[str, type]) -> tuple[str, str]:
     """`section.name` → (section, name), or a ValueError naming the closest known key."""
     section, _, name = key.partition(".")
-    if section in SECTIONS and name in _names(SECTIONS[section]):
+    if section in sections and name in _names(sections[section]):
         return section, name
     if key in REPLACED_KEYS:
         raise ValueError(f"{source}: {key} is gone: {REPLACED_KEYS[key]}")
-    all_keys = [f"{s}.{n}" for s, cls in SECTIONS.items() for n in _names(cls)]
+    all_keys = [f"{s}.{n}" for s, cls in sections.items() for n in _names(cls)]
     # A right key in the wrong section (train.lr) is a likelier slip than a misspelling.
     elsewhere = [k for k in all_keys if k.endswith(f".{name}")]
-    if section in SECTIONS:  # compare names only: a shared "train." prefix says nothing
-        close = difflib.get_close_matches(name, _names(SECTIONS[section]), n=1, cutoff=0.6)
+    if section in sections:  # compare names only: a shared "train." prefix says nothing
+        close = difflib.get_close_matches(name, _names(sections[section]), n=1, cutoff=0.6)
         close = [f"{section}.{n}" for n in close]
     else:
         close = difflib.get_close_matches(key, all_keys, n=1, cutoff=0.6)
     guess = elsewhere or close
     if guess:
         hint = f"did you mean {' or '.join(guess)}?"
-    elif section in SECTIONS:
-        hint = f"{section} has: {', '.join(_names(SECTIONS[section]))}"
+    elif section in sections:
+        hint = f"{section} has: {', '.join(_names(sections[section]))}"
     else:
-        hint = f"sections are: {', '.join(SECTIONS)}"
+        hint = f"sections are: {', '.join(sections)}"
     raise ValueError(f"{source}: unknown key {key!r}; {hint}")
 
 
@@ -127,19 +136,19 @@ def _names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _field_type(section: str, name: str) -> Any:
-    return typing.get_type_hints(SECTIONS[section])[name]
+def _field_type(section: str, name: str, sections: dict[str, type]) -> Any:
+    return typing.get_type_hints(sections[section])[name]
 
 
-def _coerce(value: Any, section: str, name: str, source: str) -> Any:
+def _coerce(value: Any, section: str, name: str, source: str, sections: dict[str, type]) -> Any:
     """Check a YAML value or parse a command-line string into the field's type."""
-    tp = _field_type(section, name)
+    tp = _field_type(section, name, sections)
     try:
         value = _to_type(value, tp)
     except (TypeError, ValueError):
         expected = _type_name(tp)
         raise ValueError(f"{source}: {section}.{name} = {value!r}: expected {expected}") from None
-    is_path = SECTIONS[section].__dataclass_fields__[name].metadata["path"]
+    is_path = sections[section].__dataclass_fields__[name].metadata["path"]
     return os.path.expanduser(value) if is_path and isinstance(value, str) else value
 
 
@@ -220,8 +229,7 @@ def _type_name(tp: Any) -> str:
     return "None" if tp is type(None) else tp.__name__
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+def _default_text(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(str(v) for v in value) + "]"
     if isinstance(value, dict):
@@ -233,14 +241,15 @@ def _default_text(f: dataclasses.Field) -> str:
     return str(value)
 
 
-def format_help() -> str:
+def format_help(config_cls: type = RunConfig) -> str:
     """Every key with its type, default and help line, grouped by section."""
     lines = ["Run config keys (set in the YAML file or override with --section.key VALUE):"]
-    for section, cls in SECTIONS.items():
+    defaults = config_cls()
+    for section, cls in sections_of(config_cls).items():
         lines += ["", f"{section}: {cls.__doc__.strip()}"]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             lines.append(f"  --{section}.{f.name}  ({_type_name(hints[f.name])}, "
-                         f"default: {_default_text(f)})")
+                         f"default: {_default_text(getattr(getattr(defaults, section), f.name))})")
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines) + "\n"

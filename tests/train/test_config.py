@@ -163,17 +163,23 @@ def test_help_lists_every_key_with_its_type_and_default():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_loads(path):
-    cfg = load_run_config(path, [])
+    """Every file under configs/: configs/rl/ holds `qwen35 rl` configs, the rest `qwen35 train`'s."""
+    from qwen35.rl.config import RLRunConfig
+
+    config_cls = RLRunConfig if path.parent.name == "rl" else RunConfig
+    cfg = load_run_config(path, [], config_cls)
+    assert isinstance(cfg, config_cls)
     assert cfg.model.path is not None and cfg.data.train_path is not None
 
 
 def test_the_shipped_configs_are_found():
     names = {p.name for p in CONFIGS}
-    assert {"sft.yaml", "sft_0.8b.yaml", "sft_2b.yaml", "sft_9b.yaml"} <= names
+    assert {"sft.yaml", "sft_0.8b.yaml", "sft_2b.yaml", "sft_9b.yaml", "dapo_math_4b.yaml"} <= names
 
 
 def test_dumped_config_loads_back_equal(tmp_path):
-    cfg = load_run_config(CONFIGS[0], ["--train.resume", "true", "--optim.betas", "[0.8,0.9]"])
+    sft = next(p for p in CONFIGS if p.name == "sft.yaml")
+    cfg = load_run_config(sft, ["--train.resume", "true", "--optim.betas", "[0.8,0.9]"])
     cfg.save_yaml(tmp_path / "resolved.yaml")
     assert load_run_config(tmp_path / "resolved.yaml", []) == cfg
     assert cfg.to_dict()["optim"]["betas"] == [0.8, 0.9]
