@@ -151,3 +151,38 @@ def test_fsdp_on_two_processes_where_one_rank_has_no_image_finishes_and_equals_o
         scale = max(grad.norm().item(), 1e-3 * whole.norm().item())
         assert (two["grads"][name] - grad).norm().item() <= 1e-5 * scale, name
     assert one["grads"]["model.visual.blocks.0.attn.qkv.weight"].abs().max() > 0
+
+
+def test_qwen35_train_on_image_and_text_data_exports_a_checkpoint_transformers_loads(tmp_path):
+    """The whole trainer on a mixed image and text file: two steps, then the export loads in
+    transformers' Qwen3_5ForConditionalGeneration with our logits, and its image processor loads."""
+    import json
+
+    from transformers import AutoImageProcessor, Qwen3_5ForConditionalGeneration
+
+    from qwen35.train.trainer import train
+
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "red.png")
+    records = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "red.png"},
+                                                          {"type": "text", "text": "Colour?"}]},
+                             {"role": "assistant", "content": "red"}]},
+               {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]}] * 4
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cfg = load_run_config(None, [
+        "--model.preset", "tiny-vl", "--model.freeze", "[merger]", "--data.train_path", str(tmp_path / "d.jsonl"),
+        "--data.seq_len", "96", "--data.image_min_pixels", "4096", "--data.image_max_pixels", "4096",
+        "--train.max_steps", "2", "--train.global_batch_size", "2", "--train.micro_batch_size", "1",
+        "--train.output_dir", str(tmp_path / "run"), "--log.tensorboard", "false", "--train.save_steps", "0"])
+    result = train(cfg)
+    assert result.steps == 2 and result.export_dir is not None
+    ours = Qwen35ForConditionalGeneration.from_pretrained(result.export_dir)
+    theirs = Qwen3_5ForConditionalGeneration.from_pretrained(result.export_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(result.export_dir, backend="pil")
+    pixels = processor(images=[Image.open(tmp_path / "red.png")], return_tensors="pt")
+    assert pixels["image_grid_thw"].tolist() == [[1, 4, 4]]
+    pad = ours.config.image_token_id
+    ids = torch.tensor([[5, ours.config.vision_start_token_id, pad, pad, pad, pad, ours.config.vision_end_token_id, 7]])
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, **pixels, mm_token_type_ids=(ids == pad).long()).logits
+        got = ours(input_ids=ids, **pixels).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
