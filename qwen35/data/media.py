@@ -62,7 +62,7 @@ def image_parts(record: Any, where: str) -> tuple[list[dict], list[str]] | None:
         images = [images] if isinstance(images, str) else images
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             raise bad("images must be a list of paths")
-        return _sharegpt_with_images(record, images, bad)
+        return _sharegpt_with_images(record, images, where, bad)
     return None
 
 
@@ -91,8 +91,8 @@ def _openai(messages: list, bad) -> tuple[list[dict], list[str]] | None:
     return (out, paths) if paths else None
 
 
-def _sharegpt_with_images(record: dict, images: list[str], bad) -> tuple[list[dict], list[str]]:
-    text_only = to_sample({k: v for k, v in record.items() if k not in ("images", "image")}, "")
+def _sharegpt_with_images(record: dict, images: list[str], where: str, bad) -> tuple[list[dict], list[str]]:
+    text_only = to_sample({k: v for k, v in record.items() if k not in ("images", "image")}, where)
     tags = sum(m["content"].count(IMAGE_TAG) for m in text_only.messages)
     if tags != len(images):
         raise bad(f"{tags} {IMAGE_TAG} tags but {len(images)} images")
