@@ -31,7 +31,8 @@ from qwen35.checkpoint.hf import load_weights, read_model_config
 from qwen35.lora import (LoraSettings, apply_lora, lora_parameter_names, quantize_experts, quantize_linear_layers,
                          reset_lora_parameters)
 from qwen35.model import Qwen35Config, Qwen35ForCausalLM, preset
-from qwen35.model.config import SIZED_FOR_TOKENIZER
+from qwen35.model.config import SIZED_FOR_TOKENIZER, Qwen35VLConfig, read_config_json
+from qwen35.model.vl import Qwen35ForConditionalGeneration
 from qwen35.parallel.checkpointing import apply_activation_checkpointing
 from qwen35.parallel.compile import compile_layers
 from qwen35.parallel.context import apply_context_parallel
@@ -83,10 +84,18 @@ def model_config(cfg: RunConfig, tokenizer) -> Qwen35Config:
     """The checkpoint's config.json, or the preset; the tiny preset is sized for the tokenizer."""
     check_model_source(cfg)
     if cfg.model.path:
+        if "vision_config" in read_config_json(cfg.model.path):
+            return Qwen35VLConfig.from_hf_dict(read_config_json(cfg.model.path),
+                                               source=str(Path(cfg.model.path) / "config.json"))
         return read_model_config(cfg.model.path)
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if cfg.model.preset in SIZED_FOR_TOKENIZER:
-        return preset(cfg.model.preset, vocab_size=len(tokenizer), **ids)
+        config = preset(cfg.model.preset, vocab_size=len(tokenizer), **ids)
+        if isinstance(config, Qwen35VLConfig):  # the media tokens at the tokenizer's ids
+            names = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+                         vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+            config = dataclasses.replace(config, **{k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()})
+        return config
     config = preset(cfg.model.preset)  # trained with the run's tokenizer: it must fit, and stop and pad at its ids
     if len(tokenizer) > config.vocab_size:
         raise UserError(f"model.preset {cfg.model.preset}: vocab_size {config.vocab_size} is smaller than the "
@@ -107,7 +116,33 @@ def parameter_dtype(cfg: RunConfig, rt: Runtime) -> torch.dtype:
     return torch.float32
 
 
-def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
+def is_vision_language(cfg: RunConfig) -> bool:
+    """Whether `cfg` trains a vision-language model (a VL checkpoint, or a VL preset)."""
+    check_model_source(cfg)
+    if cfg.model.path:
+        return "vision_config" in read_config_json(cfg.model.path)
+    return cfg.model.preset.endswith("-vl")
+
+
+FREEZE_PREFIXES = {  # model.freeze's parts, by parameter name
+    "vision": ("model.visual.patch_embed.", "model.visual.pos_embed.", "model.visual.blocks."),
+    "merger": ("model.visual.merger.",),
+    "language": ("model.language_model.", "lm_head."),
+}
+
+
+def freeze(model: torch.nn.Module, parts: list[str]) -> None:
+    """No gradient for the parameters of `parts` (adapters included: a frozen part learns nothing)."""
+    if parts and not isinstance(model, Qwen35ForConditionalGeneration):
+        raise UserError(f"model.freeze {list(parts)}: the model is text-only; freezing parts is for "
+                        "vision-language models")
+    prefixes = tuple(p for part in parts for p in FREEZE_PREFIXES[part])
+    for name, parameter in model.named_parameters():
+        if name.startswith(prefixes):
+            parameter.requires_grad_(False)
+
+
+def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM | Qwen35ForConditionalGeneration:
     """The model of `cfg` on `rt`'s device(s), ready to train."""
     qlora = cfg.lora.quantize_base == "nf4"
     if cfg.optim.cpu_offload and rt.world_size > 1:
@@ -126,8 +161,12 @@ def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
 
     # 1. config, 2. the model on the meta device, in the dtype it will train in
     config = model_config(cfg, tokenizer)
+    vision_language = isinstance(config, Qwen35VLConfig)
+    if vision_language and (qlora or cfg.parallel.ep > 1 or rt.row_group is not None):
+        raise UserError("a vision-language model trains with FSDP, LoRA and full fine-tuning; QLoRA, "
+                        "parallel.ep, parallel.sp and parallel.cp are not built for it")
     with torch.device("meta"):
-        model = Qwen35ForCausalLM(config)
+        model = (Qwen35ForConditionalGeneration if vision_language else Qwen35ForCausalLM)(config)
     model.to_compute_dtype(parameter_dtype(cfg, rt))
 
     # 3. quantization and adapters
@@ -139,6 +178,7 @@ def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM:
     if cfg.lora.rank:
         apply_lora(model, LoraSettings(cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.use_rslora,
                                        list(cfg.lora.target_modules), list(cfg.lora.target_parameters)))
+    freeze(model, list(cfg.model.freeze))
 
     # 4. expert or sequence parallelism, 5. activation checkpointing, 6. compile, 7. FSDP2
     expert_mesh = None
@@ -184,5 +224,6 @@ def _init_random(model: Qwen35ForCausalLM) -> None:
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         model.init_weights()
         return
-    whole = Qwen35ForCausalLM.from_config(model.config)
+    kind = Qwen35ForConditionalGeneration if isinstance(model, Qwen35ForConditionalGeneration) else Qwen35ForCausalLM
+    whole = kind.from_config(model.config)
     set_model_state_dict(model, whole.state_dict(), options=StateDictOptions(full_state_dict=True))

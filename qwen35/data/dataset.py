@@ -47,6 +47,10 @@ DATA_DEFAULTS: dict[str, Any] = {
     "chat_template": None,  # a template file to use instead of the tokenizer's
     "template_kwargs": None,  # extra template variables, e.g. {"enable_thinking": False}
     "seed": 42,
+    # vision-language runs only (qwen35.data.media, qwen35.data.processor)
+    "media_root": None,
+    "image_min_pixels": None,
+    "image_max_pixels": None,
 }
 
 

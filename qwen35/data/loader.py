@@ -14,7 +14,7 @@ micro-batches of one rank, lets a run resume on a different number of GPUs at a 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +24,10 @@ from qwen35.data.pack import collate
 
 class PackedLoader:
     def __init__(self, dataset: torch.utils.data.Dataset, micro_batch_size: int = 1, *,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 collate_fn: Callable[[list[dict]], dict] = collate, num_workers: int = 0):
+        """`num_workers` > 0 builds the rows in that many worker processes (torch's DataLoader,
+        a few micro-batches ahead): image-text rows decode their images there."""
         if len(dataset) == 0:
             raise ValueError("the data set has no rows: no sample survived reading and packing")
         if not 0 <= rank < world_size:
@@ -33,6 +36,7 @@ class PackedLoader:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.dataset, self.micro_batch_size, self.seed = dataset, micro_batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.collate_fn, self.num_workers = collate_fn, num_workers
         self.epoch, self.index = 0, 0
 
     @property
@@ -57,12 +61,18 @@ class PackedLoader:
         taken after a batch names the one after it."""
         while True:
             order = self.order(self.epoch)
-            while self.index < len(order):
-                start = self.index + self.rank * self.micro_batch_size
-                rows = order[start:start + self.micro_batch_size]
+            mine = [order[i + self.rank * self.micro_batch_size:][:self.micro_batch_size].tolist()
+                    for i in range(self.index, len(order), self.rows_per_step)]
+            for batch in self._load(mine):
                 self.index += self.rows_per_step
-                yield collate([self.dataset[int(r)] for r in rows])
+                yield batch
             self.epoch, self.index = self.epoch + 1, 0
+
+    def _load(self, batches: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        if self.num_workers == 0 or not batches:
+            return (self.collate_fn([self.dataset[r] for r in rows]) for rows in batches)
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
+                                                num_workers=self.num_workers))
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index, "num_rows": len(self.dataset)}

@@ -187,11 +187,21 @@ _CPU_PRESETS = {
     "tiny-moe": dict(_TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
                      shared_expert_intermediate_size=96, router_aux_loss_coef=0.001),
 }
-SIZED_FOR_TOKENIZER = tuple(_CPU_PRESETS)  # vocabulary and special ids come from the run's tokenizer
-PRESETS = (*_CPU_PRESETS, *_SIZES)
+# tiny-vl: the tiny language model with a 2-block, 64-wide vision tower (an 8x8 position
+# table): the built-in vision-language run's model, trained from scratch on a CPU.
+_VL_PRESETS = {"tiny-vl": ("tiny", dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                                        num_position_embeddings=64))}
+# vocabulary and special ids come from the run's tokenizer
+SIZED_FOR_TOKENIZER = (*_CPU_PRESETS, *_VL_PRESETS)
+PRESETS = (*_CPU_PRESETS, *_VL_PRESETS, *_SIZES)
 
 
 def preset(name: str, **overrides: Any) -> Qwen35Config:
+    if name in _VL_PRESETS:
+        base, vision = _VL_PRESETS[name]
+        text = preset(base, **overrides)
+        return Qwen35VLConfig(**{f.name: getattr(text, f.name) for f in dataclasses.fields(Qwen35Config)},
+                              vision=VisionConfig(**vision, out_hidden_size=text.hidden_size))
     if name in _CPU_PRESETS:
         return Qwen35Config(**{**_CPU_PRESETS[name], **overrides})
     if name not in _SIZES:

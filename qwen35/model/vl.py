@@ -96,6 +96,10 @@ class Qwen35VLModel(nn.Module):
         self.config = config
         self.visual = VisionModel(config.vision)
         self.language_model = Qwen35Model(config)
+        # Under FSDP every rank must run the tower's collectives, also when its batch holds no
+        # image (else the ranks with images wait forever): the data-parallel wrapper sets this,
+        # and a batch without media then runs the tower on one blank 2x2 patch, weighted by zero.
+        self.run_vision_without_media = False
 
     def embed(self, input_ids, media: list[tuple]) -> torch.Tensor:
         """Token embeddings with the media pads replaced by the vision tower's outputs.
@@ -104,6 +108,12 @@ class Qwen35VLModel(nn.Module):
         once over all of them (its attention is per frame, so batching media changes nothing).
         """
         embeds = self.language_model.embed_tokens(input_ids)
+        if not media and self.run_vision_without_media:
+            v = self.config.vision
+            merge = v.spatial_merge_size
+            blank = embeds.new_zeros(merge * merge, v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
+            grid = torch.tensor([[1, merge, merge]], device=input_ids.device)
+            return embeds + 0 * self.visual(blank, grid).sum().to(embeds.dtype)
         if not media:
             return embeds
         features = self.visual(torch.cat([m[0] for m in media]), torch.cat([m[1] for m in media]))

@@ -121,7 +121,9 @@ def _delta_rule_in_slices(gdn: nn.Module, slice_tokens: int) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.model.layers if hasattr(model, "model") else model.layers
+    """The language model's decoder layers (of a text model, or a vision-language one)."""
+    inner = model.model if hasattr(model, "model") else model
+    return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full", slice_tokens: int = SLICE_TOKENS) -> nn.Module:

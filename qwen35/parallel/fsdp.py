@@ -1,6 +1,6 @@
 """FSDP2 over the data-parallel ranks, applied to a built (or meta) model from outside.
 
-Each decoder layer is its own `fully_shard` unit (its weights are gathered just before it runs
+Each decoder layer (and each block of a vision tower) is its own `fully_shard` unit (its weights are gathered just before it runs
 and freed after), and the root holds the embedding, final norm and head (one unit, so a tied
 embedding and head stay one parameter). Parameters, gradients and optimizer state are float32
 shards; the reduce-scatter of gradients runs in float32. Compute runs in bf16 through autocast,
@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from qwen35.parallel.checkpointing import decoder_layers
+
 
 def data_parallel_mesh(device_type: str) -> DeviceMesh:
     return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("dp",))
@@ -33,10 +35,14 @@ def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, reshard_after_forward: 
         mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
         offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
     )
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         if expert_mesh is not None and getattr(layer, "is_moe", False):
             fully_shard(layer.mlp.experts, mesh=expert_mesh["dp_mod_ep"], **policy)
         fully_shard(layer, mesh=mesh, **policy)
+    if hasattr(model.model, "visual"):  # a vision-language model: each vision block its own unit too
+        for block in model.model.visual.blocks:
+            fully_shard(block, mesh=mesh, **policy)
+        model.model.run_vision_without_media = True  # every rank runs the blocks' collectives
     fully_shard(model, mesh=mesh, **policy)
     return model
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qwen35.build import build_model_and_tokenizer, check_model_source
+from qwen35.build import build_model_and_tokenizer, check_model_source, is_vision_language
 from qwen35.data.task import build_task, load_eval_examples, score
 from qwen35.errors import UserError
 from qwen35.lora import load_adapter
@@ -86,6 +86,10 @@ def run_default_or_train(cfg: RunConfig):
     rundir.plan_run(cfg.train, Path(cfg.train.output_dir))  # a refused output directory: before any work
     if cfg.data.train_path is not None:
         return train(cfg)
+    if is_vision_language(cfg):  # the built-in image task instead of the arithmetic one
+        from qwen35.train.builtin_vl import run_image_default
+
+        return run_image_default(cfg)
     say(f"the built-in task: {_builtin_dir(cfg) / 'task'}")
     files = build_task(_builtin_dir(cfg) / "task")
     cfg = replace(cfg, data=replace(cfg.data, train_path=str(files.train), val_path=str(files.val), val_fraction=0.0))

@@ -47,6 +47,9 @@ class ModelConfig:
         "fla", "Gated-delta-rule kernel of the fast path: fla (flash-linear-attention's Triton "
         "kernels) or flash_qla (QwenLM's FlashQLA, TileLang, SM90+; pip install flash-qla). "
         "With kernels: auto an unusable FlashQLA falls back to fla with a warning")
+    freeze: list[str] = option(
+        [], "Vision-language: parts that do not train, any of vision (the tower's blocks and "
+        "embeddings), merger, language (the language model and head)")
     dtype: Literal["auto", "float32", "bfloat16"] = option(
         "auto", "Compute dtype (parameters and optimizer state stay float32 unless optim.weights says "
         "otherwise); auto: bfloat16 on GPU, float32 on CPU")
@@ -84,6 +87,15 @@ class DataConfig:
     template_kwargs: dict[str, Any] = option(
         {}, "Extra chat-template variables, e.g. {enable_thinking: false}")
     seed: int = option(42, "Seed for shuffling and the validation split")
+    media_root: str | None = option(
+        None, "Vision-language data: the directory image paths are relative to; null: each data "
+        "file's own directory", path=True)
+    image_min_pixels: int | None = option(
+        None, "Vision-language: the image processor's lower pixel budget (an image is resized up "
+        "to at least this many pixels); null: the model directory's preprocessor_config.json")
+    image_max_pixels: int | None = option(
+        None, "Vision-language: the image processor's upper pixel budget; null: the model "
+        "directory's preprocessor_config.json")
 
 
 @dataclass
@@ -248,6 +260,9 @@ class RunConfig:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
 
 
+FREEZABLE = ("vision", "merger", "language")  # model.freeze's parts (qwen35.build.freeze)
+
+
 def _check(cfg: RunConfig) -> None:
     """Rules that span fields or sections; checked once YAML and flags have been merged."""
 
@@ -289,6 +304,8 @@ def _check(cfg: RunConfig) -> None:
          "and optim.weights float32")
     need(cfg.lora.rank == 0 or cfg.optim.weights == "float32",
          "optim.weights bf16_kahan or bf16 is for full fine-tuning (lora.rank 0): adapters train in float32")
+    unknown = [part for part in cfg.model.freeze if part not in FREEZABLE]
+    need(not unknown, f"model.freeze: unknown part(s) {unknown}; the parts are {', '.join(FREEZABLE)}")
     need(0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]")
     need(all(0.0 <= b < 1.0 for b in cfg.optim.betas), "optim.betas must be in [0, 1)")
 

@@ -20,6 +20,10 @@ import torch.distributed as dist
 from qwen35.errors import UserError
 from qwen35.data.dataset import build_datasets
 from qwen35.data.loader import PackedLoader
+from qwen35.data.media import collate_media
+from qwen35.data.media_pack import build_media_datasets
+from qwen35.data.pack import collate
+from qwen35.data.processor import load_image_processor, save_processor
 from qwen35 import ops
 from qwen35.lora import save_adapter
 from qwen35.parallel.sequence import parallel_mesh
@@ -102,9 +106,11 @@ class Runtime:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def export_model(model, tokenizer, directory: Path, rt: Runtime) -> None:
-    """HF format: safetensors (stored dtypes), config.json, tokenizer files and chat template;
-    with LoRA, the adapter in PEFT's format instead of the weights (`qwen35 merge` folds it in).
+def export_model(model, tokenizer, directory: Path, rt: Runtime, image_processor=None,
+                 model_path: str | None = None) -> None:
+    """HF format: safetensors (stored dtypes), config.json, tokenizer files and chat template,
+    and for a vision-language model its processor files; with LoRA, the adapter in PEFT's format
+    instead of the weights (`qwen35 merge` folds it in).
 
     Every rank takes part (FSDP gathers the full tensors); rank 0 writes.
     """
@@ -114,6 +120,8 @@ def export_model(model, tokenizer, directory: Path, rt: Runtime) -> None:
         model.save_pretrained(directory)
     if rt.is_main:
         tokenizer.save_pretrained(directory)
+        if image_processor is not None:
+            save_processor(image_processor, tokenizer, directory, model_path)
 
 
 def use_run_chat_template(cfg: RunConfig, tokenizer) -> None:
@@ -128,23 +136,32 @@ class RunData:
     loader: PackedLoader  # this rank's micro-batches (its data-parallel replica's), resumable
     train_rows: int
     val_batches: list[dict]  # this rank's share of the validation rows
+    image_processor: object | None = None  # vision-language runs: transformers' image processor
 
 
-def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime) -> RunData:
+def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime, vision_language: bool = False) -> RunData:
+    """The packed rows of `cfg.data`; image-text rows (`qwen35.data.media`) for a vision-language
+    model, which also reads text-only records."""
     data_cfg = cfg.data
     if data_cfg.cache_dir is None:  # the stores live with the run: a resumed run maps them at once
         data_cfg = replace(data_cfg, cache_dir=str(Path(cfg.train.output_dir) / "data_cache"))
-    datasets = build_datasets(data_cfg, tokenizer, progress=rt.is_main)
+    image_processor, collate_fn, workers = None, collate, 0
+    if vision_language:
+        image_processor = load_image_processor(cfg.model.path, data_cfg.image_min_pixels, data_cfg.image_max_pixels)
+        datasets = build_media_datasets(data_cfg, tokenizer, image_processor)
+        collate_fn, workers = collate_media, data_cfg.num_workers  # images are decoded in the workers
+    else:
+        datasets = build_datasets(data_cfg, tokenizer, progress=rt.is_main)
     use_run_chat_template(cfg, tokenizer)
     rt.print(datasets.stats.summary())
     loader = PackedLoader(datasets.train, cfg.train.micro_batch_size, seed=cfg.data.seed,
-                          rank=rt.dp_rank, world_size=rt.dp_size)
+                          rank=rt.dp_rank, world_size=rt.dp_size, collate_fn=collate_fn, num_workers=workers)
     val_batches = []
     if datasets.val is not None:
         val = PackedLoader(datasets.val, cfg.train.micro_batch_size, rank=rt.dp_rank, world_size=rt.dp_size,
-                           shuffle=False)
+                           shuffle=False, collate_fn=collate_fn)
         val_batches = list(itertools.islice(val, val.batches_per_epoch))
-    return RunData(loader, len(datasets.train), val_batches)
+    return RunData(loader, len(datasets.train), val_batches, image_processor)
 
 
 def _base_model_path(model) -> str | None:

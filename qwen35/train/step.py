@@ -20,6 +20,15 @@ from qwen35.model.moe import RouterStats, balance_loss
 from qwen35.ops.cross_entropy import IGNORE_INDEX
 
 
+MODEL_INPUTS = ("input_ids", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments of the model's forward that `batch` holds: a text row's, or an
+    image-text row's with its images (`qwen35.data.media.collate_media`)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
 def count_loss_tokens(batch: dict) -> torch.Tensor:
     targets = next_token_targets(batch["labels"], batch.get("cu_seqlens"))
     return (targets != IGNORE_INDEX).sum()
@@ -61,8 +70,7 @@ def step_assignments(model, micro_batches: Sequence[dict], autocast, global_sum)
     stats = []
     for batch in micro_batches:
         with autocast():
-            router = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"),
-                           labels=batch["labels"]).router
+            router = model(**model_inputs(batch), labels=batch["labels"]).router
         stats.append(torch.cat([router.tokens_per_expert.sum(0), router.prob_sum.new_tensor([router.rows])]))
     summed = global_sum(torch.stack(stats).sum(0))
     return summed[:-1], summed[-1]
@@ -102,7 +110,7 @@ def forward_backward(
     router = None
     for batch in micro_batches:
         with autocast():
-            out = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"), labels=batch["labels"])
+            out = model(**model_inputs(batch), labels=batch["labels"])
         loss = out.loss_sum / count
         if out.router is not None:
             aux, z = router_losses(out.router, step_assigned, step_rows, len(micro_batches), data_parallel_size)

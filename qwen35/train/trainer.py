@@ -32,9 +32,9 @@ from qwen35.train.config import RunConfig
 from qwen35.train.flops import PEAK_BF16_FLOPS, flops_per_token
 from qwen35.train.metrics import MetricsLogger, WandbSettings
 from qwen35.train.optim import build_optimizer, build_scheduler
-from qwen35.build import build_model, load_tokenizer
+from qwen35.build import build_model, is_vision_language, load_tokenizer
 from qwen35.train.setup import Runtime, export_model, prepare_data
-from qwen35.train.step import forward_backward
+from qwen35.train.step import forward_backward, model_inputs
 
 
 @dataclass
@@ -71,7 +71,7 @@ def loss_totals(model, batches, rt: Runtime) -> tuple[float, int]:
     for batch in batches:
         batch = _to_device(batch, rt.device)
         with rt.autocast():
-            out = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"), labels=batch["labels"])
+            out = model(**model_inputs(batch), labels=batch["labels"])
         total += float(_global_count(out.loss_sum.detach()))
         count += int(_global_count(out.num_loss_tokens))
     model.train()
@@ -85,7 +85,8 @@ def train(cfg: RunConfig) -> TrainResult:
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer, rt)  # before the model: a bad data file costs no model load
+    # before the model: a bad data file costs no model load
+    data = prepare_data(cfg, tokenizer, rt, is_vision_language(cfg))
     model = build_model(cfg, rt, tokenizer)
     rows_per_rank_step = cfg.train.global_batch_size // rt.dp_size
     accumulation = rows_per_rank_step // cfg.train.micro_batch_size
@@ -135,7 +136,7 @@ def train(cfg: RunConfig) -> TrainResult:
     def export(directory: Path) -> None:
         refuse_nonfinite_weights("exported")
         with ckpt.atomic_directory(directory) as partial:
-            export_model(model, tokenizer, partial, rt)
+            export_model(model, tokenizer, partial, rt, data.image_processor, cfg.model.path)
 
     with guards.StopSignal() as stop:
         while step < total_steps:
