@@ -148,8 +148,8 @@ def test_an_export_cut_short_leaves_no_final_directory(tmp_path, monkeypatch):
     """What a kill during the final export leaves: the weights written, the tokenizer not yet."""
     real = trainer.export_model
 
-    def weights_then_die(model, tokenizer, directory, rt):
-        real(model, tokenizer, directory, rt)
+    def weights_then_die(model, tokenizer, directory, rt, *media):
+        real(model, tokenizer, directory, rt, *media)
         (directory / "tokenizer.json").unlink()
         raise KeyboardInterrupt("killed")
 
