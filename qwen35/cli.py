@@ -70,13 +70,24 @@ def _train(args: list[str]) -> int:
         return 0
     from qwen35.train.builtin import run_default_or_train
 
+    cfg = _as_user_error(train_config, rest)
+    return _finish(run_default_or_train(cfg))
+
+
+def _as_user_error(read_config, *args):
+    """A config read whose ValueError / FileNotFoundError is the user's: each names the key, file
+    or line, so it is printed as one line (exit 2)."""
     try:
-        cfg = train_config(rest)
+        return read_config(*args)
     except UserError:
         raise
-    except (ValueError, FileNotFoundError) as e:  # every one of these names the key, file or line
+    except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
-    result = run_default_or_train(cfg)
+
+
+def _finish(result) -> int:
+    """The end of a `train` or `rl` run: leave the process group, and exit 128 + the signal that
+    stopped the run (130 / 143), else 0."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -115,20 +126,10 @@ def _rl(args: list[str]) -> int:
         return 0
     rest = list(args)
     yaml_path = rest.pop(0) if not rest[0].startswith("-") else None
-    try:
-        cfg = load_run_config(yaml_path, rest, RLRunConfig)
-    except UserError:
-        raise
-    except (ValueError, FileNotFoundError) as e:  # every one of these names the key, file or line
-        raise UserError(str(e)) from e
+    cfg = _as_user_error(load_run_config, yaml_path, rest, RLRunConfig)
     from qwen35.rl.run import run_rl
 
-    result = run_rl(cfg)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
+    return _finish(run_rl(cfg))
 
 
 def _eval(args: argparse.Namespace) -> None:
