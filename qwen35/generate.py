@@ -105,7 +105,8 @@ def generate_with_media(
     of token lists; `pixel_values` and `image_grid_thw` of all images in order of appearance;
     `mm_token_type_ids` optional, derived from the image pad tokens when absent). `options` are
     `generate`'s. Videos are not taken yet."""
-    if options.get("pixel_values_videos") is not None:
+    videos = options.pop("pixel_values_videos", None), options.pop("video_grid_thw", None)
+    if any(v is not None for v in videos):
         raise ValueError("generate: pixel_values_videos: generation with videos is not built; pass images only")
     prompts = _unpadded(input_ids, attention_mask)
     media = {}
