@@ -92,7 +92,7 @@ def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw=None, video_
 def position_offsets(position_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
     """Per sequence of `position_ids [3, B, T]` (or per document of a packed row), its largest
     position + 1 - its length: where the text after it continues, relative to its length
-    (transformers' `rope_deltas`; 0 for text, negative after an image of more than one row)."""
+    (transformers' `rope_deltas`; 0 for text, negative once an image spans several rows and columns)."""
     top = position_ids.amax(0)  # [B, T]
     if cu_seqlens is None:
         return top.amax(-1) + 1 - top.shape[-1]
