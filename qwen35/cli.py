@@ -20,25 +20,37 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from qwen35 import Qwen35ForCausalLM
+    from qwen35 import Qwen35ForCausalLM, Qwen35ForConditionalGeneration
+    from qwen35.model.config import read_config_json
 
+    vision = "vision_config" in _as_user_error(read_config_json, args.model)
+    if args.image and not vision:
+        raise UserError(f"--image: {args.model} holds a text-only model (its config.json has no vision_config); "
+                        "images need a vision-language model")
+    images = _read_images(args.image)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Qwen35ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    model_class = Qwen35ForConditionalGeneration if vision else Qwen35ForCausalLM
+    model = model_class.from_pretrained(args.model, dtype=dtype, device=device).eval()
+    # the images' placeholders come first, then the text (as the chat template writes image parts)
     if args.chat:
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": args.prompt}] if images else args.prompt
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True,
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
             return_dict=False, enable_thinking=args.thinking,
         )
     else:
-        ids = tokenizer(args.prompt)["input_ids"]
+        ids = tokenizer(IMAGE_PLACEHOLDER * len(images) + args.prompt)["input_ids"]
+    media = {}
+    if images:
+        ids, media = _image_inputs(args.model, images, ids, model.config.image_token_id)
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(
         [ids], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos,
-        generator=generator,
+        generator=generator, **media,
     )[0]
     if not args.chat:
         print(tokenizer.decode(out, skip_special_tokens=True))
@@ -47,6 +59,42 @@ def _generate(args: argparse.Namespace) -> None:
     if args.thinking and thinking:
         print(f"[thinking]\n{thinking}\n[answer]")
     print(answer)
+
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # what Qwen3.5's chat template writes per image
+
+
+def _read_images(paths: list[str]) -> list:
+    """The `--image` files, decoded; a missing or undecodable one is named in a UserError."""
+    from pathlib import Path
+
+    from qwen35.data.media import load_images
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"--image {path}: no such file")
+    try:
+        return load_images(tuple(paths))
+    except OSError as e:
+        raise UserError(f"--image: {e}") from None
+
+
+def _image_inputs(model_dir: str, images: list, ids: list[int], image_token_id: int) -> tuple[list[int], dict]:
+    """`ids` with each image's one `<|image_pad|>` expanded to its number of tokens, and the
+    images' pixels and grids, through the model directory's own image processor (transformers',
+    as in training)."""
+    import numpy as np
+
+    from qwen35.data.media import image_pad_repeats
+    from qwen35.data.processor import load_image_processor
+
+    processor = _as_user_error(load_image_processor, model_dir)
+    pixels = processor(images=images, return_tensors="pt")
+    counts = (pixels["image_grid_thw"].prod(-1) // processor.merge_size ** 2).tolist()
+    ids = np.asarray(ids)
+    assert int((ids == image_token_id).sum()) == len(images), "one <|image_pad|> per image before expansion"
+    expanded = np.repeat(ids, image_pad_repeats(ids, image_token_id, counts)).tolist()
+    return expanded, dict(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
 
 
 def split_reply(text: str) -> tuple[str, str]:
@@ -224,9 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("output_dir")
     plot.set_defaults(run=_plot)
 
-    gen = commands.add_parser("generate", help="generate text from a model directory")
-    gen.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer)")
+    gen = commands.add_parser("generate", help="generate text from a model directory, with images for a "
+                              "vision-language model")
+    gen.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer; "
+                     "a vision-language model's also preprocessor_config.json)")
     gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image for a vision-language model, placed before the prompt's text (repeat for "
+                     "several, in order); videos are not taken yet")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template and "
                      "print only the answer")

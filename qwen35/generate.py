@@ -2,6 +2,10 @@
 
 The prompts are prefilled together as one packed row (no padding ever enters a recurrent
 state), then every step feeds one token per sequence through the per-layer cache.
+
+The vision-language model decodes through the same loop (`generate_with_media`): its images
+enter with the prompts' forward, which also records in the cache where each sequence's M-RoPE
+positions continue (`qwen35.model.vl.Qwen35VLModel.forward`).
 """
 
 from __future__ import annotations
@@ -42,10 +46,14 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
+    media: dict | None = None,
 ):
     """Returns the new tokens of each prompt (up to and including the first eos); with
     `return_logprobs`, also each token's `log softmax(logits / temperature)` (temperature 1 when
-    greedy), before top-k/top-p filtering: the log-prob a training forward computes for it."""
+    greedy), before top-k/top-p filtering: the log-prob a training forward computes for it.
+
+    `media`: further inputs of the prompts' forward (the vision-language model's images, in the
+    order of the prompts; `generate_with_media` builds them)."""
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
@@ -54,14 +62,14 @@ def generate(
     eos = torch.tensor([] if eos_token_id is None else
                        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     param = next(model.parameters())
-    device, dtype = param.device, model.model.embed_tokens.weight.dtype
+    device, dtype = param.device, _embeddings(model).weight.dtype
     eos = eos.to(device)
     lengths = torch.tensor([len(p) for p in prompts])
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(device=device, dtype=torch.int32)
     cache = InferenceCache(model.config, len(prompts), int(lengths.max()) + max_new_tokens, device, dtype)
 
     packed = torch.tensor([t for p in prompts for t in p], device=device)[None]
-    hidden = model.model(packed, cu_seqlens=cu_seqlens, cache=cache)
+    hidden = model.model(packed, cu_seqlens=cu_seqlens, cache=cache, **(media or {}))
     logits = model.lm_head(hidden[0, cu_seqlens[1:].long() - 1])
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new_tokens, logprobs = [], []
@@ -81,3 +89,47 @@ def generate(
         return tokens
     values = torch.stack(logprobs, dim=1).tolist() if logprobs else [[] for _ in prompts]
     return tokens, [row[: len(kept)] for row, kept in zip(values, tokens)]
+
+
+def generate_with_media(
+    model,
+    input_ids: Sequence[Sequence[int]] | torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    mm_token_type_ids: Sequence[Sequence[int]] | torch.Tensor | None = None,
+    **options,
+):
+    """`Qwen35ForConditionalGeneration.generate`: `generate` for prompts with images, given as
+    transformers' processor returns them (`input_ids` padded, with `attention_mask`, or a list
+    of token lists; `pixel_values` and `image_grid_thw` of all images in order of appearance;
+    `mm_token_type_ids` optional, derived from the image pad tokens when absent). `options` are
+    `generate`'s. Videos are not taken yet."""
+    videos = options.pop("pixel_values_videos", None), options.pop("video_grid_thw", None)
+    if any(v is not None for v in videos):
+        raise ValueError("generate: pixel_values_videos: generation with videos is not built; pass images only")
+    prompts = _unpadded(input_ids, attention_mask)
+    media = {}
+    if pixel_values is not None:
+        if image_grid_thw is None:
+            raise ValueError("generate: pixel_values need their image_grid_thw")
+        param = next(model.parameters())
+        media = dict(pixel_values=pixel_values.to(param.device, _embeddings(model).weight.dtype),
+                     image_grid_thw=image_grid_thw.to(param.device))
+        if mm_token_type_ids is not None:
+            types = [t for row in _unpadded(mm_token_type_ids, attention_mask) for t in row]
+            media["mm_token_type_ids"] = torch.tensor(types, device=param.device)[None]
+    return generate(model, prompts, media=media, **options)
+
+
+def _unpadded(rows, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    """The tokens of each row that the mask keeps (left or right padding alike)."""
+    rows = rows.tolist() if isinstance(rows, torch.Tensor) else rows
+    if attention_mask is None:
+        return [list(map(int, row)) for row in rows]
+    return [[int(t) for t, keep in zip(row, mask) if keep] for row, mask in zip(rows, attention_mask.tolist())]
+
+
+def _embeddings(model):
+    """The token embedding table: the text model's, or the vision-language model's language model's."""
+    return getattr(model.model, "language_model", model.model).embed_tokens

@@ -133,8 +133,7 @@ class MediaEncoder:
         pads = np.flatnonzero(ids == self.pad_id)
         if len(pads) != len(paths):
             raise MalformedRecord(f"{where}: the chat template wrote {len(pads)} image pads for {len(paths)} images")
-        repeat = np.ones(len(ids), dtype=np.int64)
-        repeat[pads] = counts
+        repeat = image_pad_repeats(ids, self.pad_id, counts)
         loss = np.repeat(loss, repeat)
         loss[np.repeat(ids == self.pad_id, repeat)] = False  # image features are inputs, never targets
         return MediaDocument(np.repeat(ids, repeat), loss, tuple(resolved))
@@ -149,6 +148,15 @@ class MediaEncoder:
         except (OSError, SyntaxError, ValueError) as e:
             raise MalformedRecord(f"{where}: image {i} ({path}): {e}") from None
         return self.image_processor.get_number_of_image_patches(height, width, {}) // self.merge
+
+
+def image_pad_repeats(ids: np.ndarray, pad_id: int, counts) -> np.ndarray:
+    """How many tokens each token of `ids` becomes (`np.repeat`): the chat template writes one
+    `<|image_pad|>` per image, which stands for `counts[i]` pads, the image's tokens after the
+    2x2 merge; every other token stays one."""
+    repeat = np.ones(len(ids), dtype=np.int64)
+    repeat[ids == pad_id] = counts
+    return repeat
 
 
 def _text_of(content: Any) -> Any:

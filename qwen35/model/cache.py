@@ -39,6 +39,10 @@ class AttentionCache:
 class InferenceCache:
     def __init__(self, config: Qwen35Config, batch_size: int, max_length: int, device, dtype):
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # M-RoPE (the vision-language model): how far each sequence's next position runs ahead
+        # of its length, because an image's tokens take fewer positions than they are tokens.
+        # Set by the prompt's forward, read by every decoding step; 0 for text.
+        self.position_offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
         shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
         self.layers = [
             AttentionCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))

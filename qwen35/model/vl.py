@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qwen35.model.cache import InferenceCache
 from qwen35.model.config import Qwen35VLConfig
 from qwen35.model.model import CausalLMOutput, Qwen35ForCausalLM, Qwen35Model, causal_lm_output
 from qwen35.model.vision import VisionModel
@@ -88,6 +89,19 @@ def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw=None, video_
     return positions.to(out_device)
 
 
+def position_offsets(position_ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    """Per sequence of `position_ids [3, B, T]` (or per document of a packed row), its largest
+    position + 1 - its length: where the text after it continues, relative to its length
+    (transformers' `rope_deltas`; 0 for text, negative once an image spans several rows and columns)."""
+    top = position_ids.amax(0)  # [B, T]
+    if cu_seqlens is None:
+        return top.amax(-1) + 1 - top.shape[-1]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().to(top.device)
+    document = torch.repeat_interleave(torch.arange(len(lengths), device=top.device), lengths)
+    largest = top.new_zeros(len(lengths)).scatter_reduce(0, document, top[0, :len(document)], "amax")
+    return largest + 1 - lengths
+
+
 class Qwen35VLModel(nn.Module):
     """`model.*` of the checkpoint: the vision tower and the language model."""
 
@@ -130,7 +144,10 @@ class Qwen35VLModel(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
                 video_grid_thw=None, mm_token_type_ids=None, position_ids=None, cu_seqlens=None,
-                router_logits: list | None = None):
+                router_logits: list | None = None, cache: InferenceCache | None = None):
+        """With `cache` (generation, `qwen35.generate`): the prompts' forward records each
+        sequence's `position_offsets` in the cache, and every later step's tokens continue from
+        there (text after an image goes on at its largest position + 1, as in transformers)."""
         media = [(pixels, grid, token) for pixels, grid, token in (
             (pixel_values, image_grid_thw, self.config.image_token_id),
             (pixel_values_videos, video_grid_thw, self.config.video_token_id),
@@ -143,9 +160,14 @@ class Qwen35VLModel(nn.Module):
                 mm_token_type_ids = mm_token_types(input_ids, self.config.image_token_id, self.config.video_token_id)
             position_ids = mrope_positions(mm_token_type_ids, image_grid_thw, video_grid_thw,
                                            self.config.vision.spatial_merge_size, cu_seqlens)
+            if cache is not None:
+                cache.position_offsets = position_offsets(position_ids, cu_seqlens).to(cache.lengths.device)
+        elif position_ids is None and cache is not None and cu_seqlens is None:
+            start = cache.lengths + cache.position_offsets
+            position_ids = start[:, None] + torch.arange(input_ids.shape[1], device=start.device)
         elif position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:
             position_ids = position_ids[1:]  # transformers' layout: the text row first, then t, h, w
-        return self.language_model(input_ids, position_ids, cu_seqlens, router_logits=router_logits,
+        return self.language_model(input_ids, position_ids, cu_seqlens, cache=cache, router_logits=router_logits,
                                    inputs_embeds=embeds)
 
 
@@ -192,6 +214,13 @@ class Qwen35ForConditionalGeneration(nn.Module):
     from_config = classmethod(Qwen35ForCausalLM.from_config.__func__)
     from_pretrained = classmethod(Qwen35ForCausalLM.from_pretrained.__func__)
     save_pretrained = Qwen35ForCausalLM.save_pretrained
+
+    def generate(self, input_ids, **kwargs):
+        """Prompts with images (as transformers' processor returns them) -> new tokens: see
+        `qwen35.generate.generate_with_media`."""
+        from qwen35.generate import generate_with_media
+
+        return generate_with_media(self, input_ids, **kwargs)
 
     @staticmethod
     def parameter_name(checkpoint_key: str) -> str | None:

@@ -6,7 +6,8 @@ from the run: its `run_config.yaml` names the model source and the tokenizer, an
 working directory its relative paths start from. So the model is built as the trainer builds it
 (on this CPU, one process, whatever layout the run had), the checkpoint's weights are read into
 it (DCP reshards a checkpoint of any number of ranks), and the trainer's `export_model` writes
-full weights or a PEFT adapter, atomically.
+full weights or a PEFT adapter, atomically; a vision-language run's export also carries its image
+processor, built as the trainer builds it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from qwen35.build import build_model, load_tokenizer
+from qwen35.build import build_model, is_vision_language, load_tokenizer
 from qwen35.errors import UserError
 from qwen35.train import checkpoint as ckpt
 from qwen35.train import guards, rundir
 from qwen35.train.config import ParallelConfig, RunConfig
 from qwen35.train.config_parser import load_run_config
-from qwen35.train.setup import Runtime, export_model, use_run_chat_template
+from qwen35.train.setup import Runtime, export_model, run_image_processor, use_run_chat_template
 
 
 def export_checkpoint(checkpoint: Path, output: Path, overwrite: bool = False, say=print) -> Path:
@@ -45,8 +46,9 @@ def export_checkpoint(checkpoint: Path, output: Path, overwrite: bool = False, s
     ckpt.load_model_weights(path, model)
     if not guards.weights_are_finite(model, rt.device):
         raise UserError(f"checkpoint {path} holds non-finite weights; export an earlier one")
+    image_processor = run_image_processor(cfg) if is_vision_language(cfg) else None
     with ckpt.atomic_directory(output) as partial:
-        export_model(model, tokenizer, partial, rt)
+        export_model(model, tokenizer, partial, rt, image_processor, cfg.model.path)
     say(f"exported {path} to {output}" + (" (a PEFT adapter)" if cfg.lora.rank else ""))
     return path
 

@@ -147,7 +147,7 @@ def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime, vision_language: bool =
         data_cfg = replace(data_cfg, cache_dir=str(Path(cfg.train.output_dir) / "data_cache"))
     image_processor, collate_fn, workers = None, collate, 0
     if vision_language:
-        image_processor = load_image_processor(cfg.model.path, data_cfg.image_min_pixels, data_cfg.image_max_pixels)
+        image_processor = run_image_processor(cfg)
         datasets = build_media_datasets(data_cfg, tokenizer, image_processor)
         collate_fn, workers = collate_media, data_cfg.num_workers  # images are decoded in the workers
     else:
@@ -162,6 +162,13 @@ def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime, vision_language: bool =
                            shuffle=False, collate_fn=collate_fn)
         val_batches = list(itertools.islice(val, val.batches_per_epoch))
     return RunData(loader, len(datasets.train), val_batches, image_processor)
+
+
+def run_image_processor(cfg: RunConfig):
+    """transformers' image processor of a vision-language run: the model directory's (or
+    Qwen3.5's settings for a preset) with the run's pixel budget. The trainer reads its images
+    with it and its exports carry it, `qwen35 export` included."""
+    return load_image_processor(cfg.model.path, cfg.data.image_min_pixels, cfg.data.image_max_pixels)
 
 
 def _base_model_path(model) -> str | None:

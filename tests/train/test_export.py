@@ -130,3 +130,33 @@ def test_export_refusals_name_the_checkpoint_and_need_overwrite_for_an_existing_
     assert "--overwrite" in refused(capsys, "--checkpoint", tiny_run, *out)
     export("--checkpoint", tiny_run, *out, "--overwrite")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_vision_language_checkpoint_exports_with_its_processor_files_as_final(tmp_path):
+    """The tiny-vl preset, two steps on image and text records: the export of its last checkpoint
+    equals the trainer's own `final/` file for file, the image processor's settings included."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "red.png")
+    records = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "red.png"},
+                                                          {"type": "text", "text": "Colour?"}]},
+                             {"role": "assistant", "content": "red"}]},
+               {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]}] * 2
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    result = train(load_run_config(None, [
+        "--model.preset", "tiny-vl", "--data.train_path", str(tmp_path / "d.jsonl"), "--data.seq_len", "96",
+        "--data.image_min_pixels", "4096", "--data.image_max_pixels", "8192", "--train.max_steps", "2",
+        "--train.save_steps", "2", "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
+        "--train.output_dir", str(tmp_path / "run"), "--log.tensorboard", "false"]))
+    export("--checkpoint", result.output_dir, "--output", tmp_path / "exported")
+    final, exported = result.export_dir, tmp_path / "exported"
+    names = sorted(p.name for p in final.iterdir())
+    assert "preprocessor_config.json" in names and sorted(p.name for p in exported.iterdir()) == names
+    weights, expected = read_safetensors(exported), read_safetensors(final)
+    assert any(k.startswith("model.visual.") for k in expected)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+    for name in names:
+        if not name.endswith(".safetensors"):
+            assert (exported / name).read_bytes() == (final / name).read_bytes(), name
+    # the run's pixel budget, not the processor's default, travels with the export
+    assert json.loads((exported / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 8192
