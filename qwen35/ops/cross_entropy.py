@@ -21,13 +21,7 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 def linear_cross_entropy(hidden_ND, weight_VD, targets_N, chunk_size: int = 4096) -> torch.Tensor:
-    """Summed token loss (targets == -100 count nothing). Equal to plain cross-entropy.
-
-    Only the positions with a target reach the head: assistant-only SFT labels a small share of
-    a row (a tenth on the built-in task), and the others would add nothing to the loss or to any
-    gradient."""
-    keep = targets_N != IGNORE_INDEX
-    hidden_ND, targets_N = hidden_ND[keep], targets_N[keep]
+    """Summed token loss (targets == -100 count nothing). Equal to plain cross-entropy."""
     total = hidden_ND.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden_ND.shape[0], chunk_size):
         end = start + chunk_size
