@@ -175,6 +175,16 @@ def hf_vl_media_model(moe: bool = False, seed: int = 0):
     return model
 
 
+def vl_media_batch() -> dict:
+    """Inputs for `hf_vl_media_model`'s vocabulary: one row of text, a 64x64 image (4 tokens after
+    the merger), text."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 90, (1, 12), generator=gen)
+    ids[0, 3], ids[0, 4:8], ids[0, 8] = 92, 94, 93  # vision start, image pads, vision end
+    return dict(input_ids=ids, pixel_values=torch.randn(16, 1536, generator=gen),
+                image_grid_thw=torch.tensor([[1, 4, 4]]), mm_token_type_ids=(ids == 94).long())
+
+
 def random_adapters(model, std: float = 0.05) -> None:
     """Every adapter weight drawn from a seed of its name (B included, which starts at zero), so
     an adapter changes the output and two models with the same targets get the same adapters."""

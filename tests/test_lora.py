@@ -3,8 +3,8 @@
 import torch
 from peft import PeftModel
 
-from reference import hf_text_model, ours_from_hf, random_adapters
-from qwen35 import Qwen35ForCausalLM
+from reference import hf_text_model, hf_vl_media_model, ours_from_hf, random_adapters, vl_media_batch
+from qwen35 import Qwen35ForCausalLM, Qwen35ForConditionalGeneration
 from qwen35.lora import LoraSettings, apply_lora, load_adapter, merge_lora, save_adapter
 from qwen35.train.optim import build_optimizer
 
@@ -35,6 +35,33 @@ def test_our_adapter_loaded_by_peft_on_transformers_gives_our_logits(tmp_path):
         peft_model = PeftModel.from_pretrained(hf, tmp_path / f"adapter{rslora}").eval()
         with torch.no_grad():
             assert (peft_model(_ids()).logits - ours.eval()(_ids()).logits).abs().max().item() <= 1e-5
+
+
+def test_a_vision_language_adapter_loaded_by_peft_on_transformers_gives_our_logits(tmp_path):
+    """Adapters on the vision blocks (attention and MLP), the merger and the language model's
+    attention: the names we write are those PEFT finds on transformers' VL model."""
+    hf = hf_vl_media_model()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = Qwen35ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    apply_lora(ours, LoraSettings(rank=4, alpha=8, target_modules=["attn.qkv", "attn.proj", "linear_fc1",
+                                                                   "linear_fc2", "q_proj", "v_proj"]))
+    random_adapters(ours)
+    adapted = {n.split(".lora_")[0] for n, _ in ours.named_parameters() if ".lora_A." in n}
+    assert any(n.startswith("model.visual.blocks.") for n in adapted)
+    assert any(n.startswith("model.visual.merger.") for n in adapted)
+    assert any(n.startswith("model.language_model.") for n in adapted)
+    save_adapter(ours, tmp_path / "adapter", base_model=str(tmp_path / "hf"))
+    batch = vl_media_batch()
+    with torch.no_grad():
+        base = hf(**batch).logits
+        peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        theirs, mine = peft_model(**batch).logits, ours(**batch).logits
+    assert (theirs - base).abs().max().item() > 1e-3  # the adapters change the answer
+    assert (theirs - mine).abs().max().item() <= 1e-5
+    for name, _ in peft_model.named_modules():  # every adapter we wrote landed on PEFT's side
+        if name.endswith(".lora_A.default"):
+            adapted.discard(name.removeprefix("base_model.model.").removesuffix(".lora_A.default"))
+    assert not adapted
 
 
 def test_merged_checkpoint_equals_base_plus_adapter(tmp_path):

@@ -7,19 +7,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
-from reference import hf_vl_media_model, read_safetensors
+from reference import hf_vl_media_model, read_safetensors, vl_media_batch
 from qwen35 import Qwen35ForConditionalGeneration
 from qwen35.checkpoint.hf import CheckpointError
 from qwen35.model import Qwen35VLConfig
 
-
-def _media_batch():
-    """One row: text, a 64x64 image (4 tokens), text."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 90, (1, 12), generator=gen)
-    ids[0, 3], ids[0, 4:8], ids[0, 8] = 92, 94, 93  # vision start, image pads, vision end
-    return dict(input_ids=ids, pixel_values=torch.randn(16, 1536, generator=gen),
-                image_grid_thw=torch.tensor([[1, 4, 4]]), mm_token_type_ids=(ids == 94).long())
 
 
 def test_transformers_checkpoint_loads_and_saves_back_bit_identical_with_mtp(tmp_path):
@@ -47,7 +39,7 @@ def test_our_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, moe):
     ours.save_pretrained(tmp_path / "ours")
     transformers_class = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
     theirs = transformers_class.from_pretrained(tmp_path / "ours").eval()
-    batch = _media_batch()
+    batch = vl_media_batch()
     with torch.no_grad():
         assert (theirs(**batch).logits - ours(**batch).logits).abs().max().item() <= 1e-5
 
