@@ -1,10 +1,12 @@
-"""Activation checkpointing and layer compilation change neither the numbers nor the names."""
+"""Activation checkpointing and layer compilation change neither the numbers nor the names, of
+the text model and of the vision-language one (vision blocks included)."""
 
 import pytest
 import torch
 
-from reference import TINY_CONFIG
-from qwen35 import Qwen35Config, Qwen35ForCausalLM
+from reference import TINY_CONFIG, hf_vl_media_model, vl_media_batch
+from qwen35 import Qwen35Config, Qwen35ForCausalLM, Qwen35ForConditionalGeneration
+from qwen35.model import Qwen35VLConfig
 from qwen35.parallel.checkpointing import apply_activation_checkpointing
 from qwen35.parallel.compile import compile_layers
 
@@ -71,6 +73,32 @@ def test_compiled_layers_give_the_same_loss_and_keep_names(mode):
     loss, grads = _loss_and_grads(model)
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(loss, loss_plain, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _vl_loss_and_grads(model):
+    batch = vl_media_batch()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("mode", ["full", "selective", "offload"])
+def test_the_vision_tower_is_checkpointed_and_compiled_with_the_same_gradients(mode):
+    config = Qwen35VLConfig.from_hf_dict(hf_vl_media_model().config.to_dict())
+
+    def model():
+        torch.manual_seed(0)
+        return Qwen35ForConditionalGeneration.from_config(config)
+
+    grads_plain = _vl_loss_and_grads(model())
+    changed = compile_layers(apply_activation_checkpointing(model(), mode), backend="aot_eager")
+    blocks = changed.model.visual.blocks
+    assert all(getattr(b, "activation_checkpointing", False) and b._compiled_call_impl is not None for b in blocks)
+    grads = _vl_loss_and_grads(changed)
+    assert grads.keys() == grads_plain.keys() and any(n.startswith("model.visual.blocks.") for n in grads)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 

@@ -126,9 +126,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
 
 
+def vision_blocks(model: nn.Module) -> nn.ModuleList | list:
+    """The vision tower's blocks of a vision-language model; none for a text model."""
+    inner = model.model if hasattr(model, "model") else model
+    visual = getattr(inner, "visual", None)
+    return visual.blocks if visual is not None else []
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full", slice_tokens: int = SLICE_TOKENS) -> nn.Module:
-    """Checkpoints every decoder layer of `model` (a `Qwen35ForCausalLM` or `Qwen35Model`);
-    `slice_tokens`: the "offload" mode's slices of the dense MLPs and of the delta rule."""
+    """Checkpoints every decoder layer of `model` (a `Qwen35ForCausalLM` or `Qwen35Model`, or
+    a vision-language model, whose vision blocks are checkpointed too); `slice_tokens`: the
+    "offload" mode's slices of the dense MLPs and of the delta rule. Vision blocks keep their
+    inputs on the device in every mode: a micro-batch's patches are few next to its tokens."""
     if mode not in AC_MODES:
         raise ValueError(f"unknown activation checkpointing mode {mode!r}; choose one of {', '.join(AC_MODES)}")
     if mode == "none":
@@ -147,4 +156,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full", slice_t
             _token_chunked(layer.mlp, slice_tokens)
         if layer.layer_type == "linear_attention":
             _delta_rule_in_slices(layer.linear_attn, slice_tokens)
+    for block in vision_blocks(model):
+        _checkpointed(block, context_fn)
     return model
