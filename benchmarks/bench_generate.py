@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.peer import transformers_model  # noqa: E402
 from qwen35 import Qwen35ForCausalLM, ops, preset  # noqa: E402
 from qwen35.engine import DecodeEngine  # noqa: E402
 
@@ -134,15 +135,7 @@ def build_peer(model, device, dtype):
     initialises it), with our random weights copied in."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-    hf_config = Qwen3_5TextConfig(**model.config.to_hf_dict())
-    hf_config._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            peer = Qwen3_5ForCausalLM(hf_config)
-    finally:
-        torch.set_default_dtype(default)
+    peer = transformers_model(Qwen3_5ForCausalLM, Qwen3_5TextConfig(**model.config.to_hf_dict()), device, dtype)
     missing, unexpected = peer.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return peer.eval()

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.peer import transformers_model  # noqa: E402
 from qwen35 import Qwen35ForCausalLM, ops, preset  # noqa: E402
 from qwen35.lora import LoraSettings, apply_lora, quantize_experts, quantize_linear_layers  # noqa: E402
 from qwen35.lora.nf4_experts import NF4ExpertWeight  # noqa: E402
@@ -173,14 +174,7 @@ def build_peer(config, device, dtype, rank: int = RANK):
     from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
 
     hf_config = Qwen3_5MoeTextConfig(**config.to_hf_dict(), experts_implementation="grouped_mm")
-    hf_config._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3_5MoeForCausalLM(hf_config)
-    finally:
-        torch.set_default_dtype(default)
+    model = transformers_model(Qwen3_5MoeForCausalLM, hf_config, device, dtype)
     # What BitsAndBytesConfig(load_in_4bit, nf4, double quant, bf16 compute) leaves after loading:
     # every nn.Linear but the output head a Linear4bit, quantized as it moves to the device.
     # (transformers' own path needs a checkpoint to load; this one builds the same modules.)

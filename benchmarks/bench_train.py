@@ -75,6 +75,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # parallel_runs
 
+from benchmarks.peer import transformers_model  # noqa: E402
 from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset  # noqa: E402
 from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers  # noqa: E402
 from qwen35.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
@@ -341,15 +342,7 @@ def _fill(result: Result, seconds: float, flops: float, device) -> None:
 def build_peer(config: Qwen35Config, device, liger: bool):
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
-    hf_config = Qwen3_5TextConfig(**config.to_hf_dict())
-    hf_config._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Qwen3_5ForCausalLM(hf_config)
-    finally:
-        torch.set_default_dtype(default)
+    model = transformers_model(Qwen3_5ForCausalLM, Qwen3_5TextConfig(**config.to_hf_dict()), device, torch.bfloat16)
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen3_5
 
