@@ -34,6 +34,21 @@ def sample_next(logits_BV, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def sample_with_logprobs(logits_BV, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """`sample_next`'s token and its `log softmax(logits / temperature)` (temperature 1 when
+    greedy), taken before top-k/top-p filtering: the log-prob the training forward computes for it.
+    Without filtering the draw is from the exp of that same log-softmax, so one pass over the
+    vocabulary serves both (at 256 sequences x 248k entries, sampling is a tenth of a decode step)."""
+    logits = logits_BV.float()
+    scale = temperature if do_sample and temperature > 0 else 1.0
+    logp = torch.log_softmax(logits if scale == 1.0 else logits / scale, dim=-1)
+    if do_sample and top_k == 0 and top_p >= 1.0:
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    else:
+        token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -73,12 +88,10 @@ def generate(
     logits = model.lm_head(hidden[0, cu_seqlens[1:].long() - 1])
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new_tokens, logprobs = [], []
-    scale = temperature if do_sample and temperature > 0 else 1.0
     for _ in range(max_new_tokens):
-        token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        token, logp = sample_with_logprobs(logits, do_sample, temperature, top_k, top_p, generator)
         new_tokens.append(torch.where(finished, -1, token))
-        if return_logprobs:
-            logprobs.append(torch.log_softmax(logits.float() / scale, dim=-1).gather(-1, token[:, None])[:, 0])
+        logprobs.append(logp)
         finished |= torch.isin(token, eos)
         if bool(finished.all()):
             break

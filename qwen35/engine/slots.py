@@ -97,9 +97,7 @@ class _DecodeDeltaNet:
         self.conv_state, self.recurrent_state = state.conv_state, state.recurrent_state
 
     def update(self, conv_state: torch.Tensor, recurrent_state: torch.Tensor) -> None:
-        self.conv_state.copy_(conv_state)
-        if recurrent_state is not self.recurrent_state:  # the decoding step updates it in place
-            self.recurrent_state.copy_(recurrent_state)
+        pass  # the decoding step updated both in place
 
 
 class DecodeView:

@@ -92,15 +92,20 @@ class GatedDeltaNet(nn.Module):
         if cache is not None and cache.started:
             conv_state, recurrent_state = cache.conv_state, cache.recurrent_state
         want_state = cache is not None
-        qkv, conv_state = ops.causal_conv1d(qkv_BTC, conv_weight_CK, cu_seqlens, conv_state, want_state)
+        # a decoding step updates the cached conv window and recurrent state in place (one read and
+        # one write of each)
+        decoding = recurrent_state is not None and length == 1 and cu_seqlens is None
+        if decoding:
+            qkv = ops.causal_conv1d_step_(qkv_BTC, conv_weight_CK, conv_state)
+        else:
+            qkv, conv_state = ops.causal_conv1d(qkv_BTC, conv_weight_CK, cu_seqlens, conv_state, want_state)
         key_dim = key_heads * self.head_k_dim
         q, k, v = qkv.split((key_dim, key_dim, value_heads * self.head_v_dim), dim=-1)
         q = q.reshape(batch, length, key_heads, self.head_k_dim)
         k = k.reshape(batch, length, key_heads, self.head_k_dim)
         v = v.reshape(batch, length, value_heads, self.head_v_dim)
 
-        if recurrent_state is not None and length == 1 and cu_seqlens is None:
-            # a decoding step: the cached state is updated in place (one read and one write of it)
+        if decoding:
             o = ops.gated_delta_rule_step_(q, k, v, g, beta, recurrent_state)
         else:
             o, recurrent_state = self.delta_rule(q, k, v, g, beta, cu_seqlens, recurrent_state, want_state)

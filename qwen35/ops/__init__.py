@@ -1,6 +1,6 @@
 """The kernel seam: every heavy op the model calls, chosen in this one place.
 
-The model calls `ops.gated_delta_rule` (and `ops.gated_delta_rule_step_` to decode), `ops.causal_conv1d`, `ops.causal_attention`,
+The model calls `ops.gated_delta_rule` and `ops.causal_conv1d` (and their `_step_` forms to decode), `ops.causal_attention`,
 `ops.attention_to_keys`, `ops.gated_rms_norm`, `ops.linear_cross_entropy` and `ops.routed_experts`; each resolves to the torch reference
 (readable, runs anywhere, the ground truth of the tests) or, once selected with
 `use_backend("fast")`, to the GPU kernels of `qwen35.ops.fast` (flash-linear-attention, torch's
@@ -40,6 +40,7 @@ _REFERENCE = {
     "gated_delta_rule": _delta_rule.gated_delta_rule,
     "gated_delta_rule_step_": _delta_rule.gated_delta_rule_step_,
     "causal_conv1d": _conv.causal_conv1d,
+    "causal_conv1d_step_": _conv.causal_conv1d_step_,
     "causal_attention": _attention.causal_attention,
     "attention_to_keys": _attention.attention_to_keys,
     "gated_rms_norm": _norm.gated_rms_norm,
@@ -119,6 +120,11 @@ def gated_delta_rule_step_(q, k, v, g, beta, state):
 
 def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_state=False):
     return _active["causal_conv1d"](x, weight, cu_seqlens, initial_state, output_final_state)
+
+
+def causal_conv1d_step_(x, weight, state):
+    """A decoding step of the conv: one token per sequence, the window `state` updated in place."""
+    return _active["causal_conv1d_step_"](x, weight, state)
 
 
 def causal_attention(q, k, v, cu_seqlens=None, scale=None, causal=True):

@@ -20,7 +20,7 @@ def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_s
     if cu_seqlens is None:
         history = x.new_zeros(x.shape[0], taps - 1, x.shape[2]) if initial_state is None else initial_state.transpose(1, 2).to(x.dtype)
         full = torch.cat([history, x], dim=1)
-        out = F.conv1d(full.transpose(1, 2), weight.unsqueeze(1), groups=weight.shape[0])
+        out = F.conv1d(full.transpose(1, 2), weight.unsqueeze(1).to(x.dtype), groups=weight.shape[0])
         final = full[:, -(taps - 1):].transpose(1, 2).contiguous() if output_final_state else None
         return F.silu(out.transpose(1, 2)), final
 
@@ -41,3 +41,15 @@ def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_s
             for start, end in split_documents(cu_seqlens)
         ])
     return F.silu(out), final
+
+
+def causal_conv1d_step_(x, weight, state):
+    """One decoding step (T == 1) of a plain batch: x `[B, 1, C]`, the window `state` `[B, C, K-1]`
+    shifted in place to end at x; returns `silu(conv)` `[B, 1, C]`. In place, like the delta
+    rule's step, so that a decoder keeps one window buffer per sequence (and a CUDA graph owns it).
+    Products and sum in float32, as a conv kernel accumulates."""
+    window = torch.cat([state, x.transpose(1, 2).to(state.dtype)], dim=-1)  # [B, C, K]
+    out = (window.float() * weight.float()).sum(-1).to(x.dtype)
+    state.copy_(window[..., 1:])
+    return F.silu(out)[:, None]
+

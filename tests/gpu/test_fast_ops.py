@@ -172,6 +172,21 @@ def test_causal_conv1d_continues_from_a_state_like_the_reference(fast_backend, s
     assert_all_close({"y": (yf, yr), "final_state": (final_f, final_r)})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv1d_decoding_steps_match_the_reference_steps(fast_backend, dtype):
+    from qwen35.ops import fast
+
+    x = torch.randn(5, 4, 6144 + 40, device="cuda", dtype=dtype)  # channels not a multiple of the block
+    weight = torch.randn(6144 + 40, 4, device="cuda") * 0.5
+    state_f = torch.randn(5, 6144 + 40, 3, device="cuda", dtype=dtype)
+    state_r = state_f.clone()
+    for t in range(4):
+        yf = fast.causal_conv1d_step_(x[:, t : t + 1], weight, state_f)
+        yr = conv.causal_conv1d_step_(x[:, t : t + 1], weight, state_r)
+        torch.testing.assert_close(yf, yr, **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)))
+        assert torch.equal(state_f, state_r), "the window shifts by exactly one input"
+
+
 def test_gated_rms_norm_matches_reference(fast_backend):
     from qwen35.ops import fast
 

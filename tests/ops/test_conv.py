@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from qwen35.ops.conv import causal_conv1d
+from qwen35.ops.conv import causal_conv1d, causal_conv1d_step_
 
 
 def _plain_conv(x, weight):
@@ -39,3 +39,16 @@ def test_state_continues_the_sequence_token_by_token():
         out, state = causal_conv1d(x[:, t : t + 1], w, initial_state=state, output_final_state=True)
         steps.append(out)
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-6)
+
+
+def test_decoding_steps_shift_the_window_in_place_and_continue_the_sequence():
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 9, 6, generator=gen), torch.randn(6, 4, generator=gen)
+    full, _ = causal_conv1d(x, w)
+    out, state = causal_conv1d(x[:, :2], w, output_final_state=True)
+    window, steps = state.clone(), [out]
+    for t in range(2, 9):
+        steps.append(causal_conv1d_step_(x[:, t : t + 1], w, window))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-6)
+    _, final = causal_conv1d(x, w, output_final_state=True)
+    assert torch.equal(window, final)  # the last K-1 inputs, exactly
