@@ -141,3 +141,31 @@ def test_vision_language_smoke_run_on_the_cpu_gives_ours_and_the_peer_with_numbe
     table = capsys.readouterr().out.split("\n\n")[-2]  # the final table, before its fastest-peer line
     assert f"| ours | fp32m:none | 2B-vl | 160 | {ours.docs} | {ours.tokens_per_s:,.0f} |" in table
     assert "x fla:none |" in table and "| peer | fla:none | 2B-vl | 160 |" in table and "(fastest peer)" in table
+
+
+def test_the_peer_padded_batch_and_our_packed_row_are_the_same_training_problem(bench):
+    """Same weights (float32, CPU, reference ops): transformers' model on the padded batch and ours
+    on the packed row give the same mean loss, so both sides train on the same documents, images,
+    positions and loss tokens."""
+    import dataclasses
+
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from vl_rows import VLWorkload
+
+    from qwen35 import Qwen35ForConditionalGeneration, ops
+
+    ops.use_backend("reference")
+    # a rotary of 12 frequencies, 4 per M-RoPE axis, so that every axis turns
+    config = dataclasses.replace(bench.smoke_config("2B-vl"), partial_rotary_factor=0.75, mrope_section=(4, 4, 4))
+    media = VLWorkload(config, 200, 64, 24)
+    torch.manual_seed(0)
+    ours = Qwen35ForConditionalGeneration.from_config(config, dtype=torch.float32)
+    hf_config = Qwen3_5Config(**config.to_hf_dict())
+    hf_config._attn_implementation = "eager"
+    peer = Qwen3_5ForConditionalGeneration(hf_config).float()
+    missing, unexpected = peer.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing)
+    with torch.no_grad():
+        mine = ours(**media.packed("cpu")).loss
+        theirs = peer(**media.padded("cpu"), use_cache=False).loss
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
