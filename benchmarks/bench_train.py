@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --presets 0.8B --max-context          # longest trainable row
     python benchmarks/bench_train.py --smoke                               # CPU, tiny, reference ops
     python benchmarks/bench_train.py --parallel one sp2 cp2 --max-context  # 2 GPUs: sp/cp vs one
+    python benchmarks/bench_train.py --presets 2B-vl --ours fp32m:none:compile  # vision-language row
 
 `--parallel` runs each layout as a torchrun job of `benchmarks/parallel_runs.py` (see there):
 tokens/s of every preset at `--seq-lens`, and with `--max-context` the longest trainable row of
@@ -37,6 +38,16 @@ fla's GDN kernel (picked up by transformers when importable), Liger's kernels
 holding the same tokens as one sequence (transformers' GDN path cannot keep packed documents
 apart), optionally with gradient checkpointing (`--peer-ac`).
 
+A vision-language preset (`2B-vl`: the 2B language model and the 27-block, 1152-wide Qwen3.5
+vision tower) gets image-text rows instead (`benchmarks/vl_rows.py`): documents of one image
+(~`--vl-image-px`, 448: 196 image tokens) and ~`--vl-text-tokens` (300) text tokens each, as many
+as fill `--seq-lens` exactly (16 at 8k). Ours packs them into one row, the vision tower running
+once over all its images (attention within each image); the peer is transformers'
+`Qwen3_5ForConditionalGeneration` (fla, with and without Liger) on the same documents and images as
+a right-padded batch of one document per row (TRL does not pack vision-language data); its
+`docs` column is that batch size. tokens/s counts every document token, text and image, for
+both; MFU adds the vision tower's FLOPs (`qwen35.train.flops.vision_flops`).
+
 Every ratio divides by the fastest peer variant measured in the same command for the same
 preset and length (`--peer-variants`, default both: with and without Liger); the table says
 which. `--delta-rule-kernel flash_qla` runs our delta rule through FlashQLA; it also turns on
@@ -57,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -76,7 +88,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # parallel_runs
 
 from benchmarks.peer import transformers_model  # noqa: E402
-from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset  # noqa: E402
+from benchmarks.vl_rows import VLWorkload  # noqa: E402
+from qwen35 import Qwen35Config, Qwen35ForCausalLM, Qwen35ForConditionalGeneration, ops, preset  # noqa: E402
+from qwen35.model.config import Qwen35VLConfig, VisionConfig  # noqa: E402
 from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers  # noqa: E402
 from qwen35.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
 from qwen35.parallel.compile import compile_layers  # noqa: E402
@@ -279,13 +293,16 @@ def _guarded(result: Result, run) -> Result:
 # --- ours -----------------------------------------------------------------------------------
 
 
-def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
+def run_ours(config, name, variant, lengths, steps, warmup, device, media: VLWorkload | None = None) -> Result:
+    """With `media` (a vision-language preset): its packed image-text row instead of `lengths`."""
     precision, ac, *rest = variant.split(":")
+    lengths = media.lengths if media is not None else lengths
     result = Result("ours", variant, name, sum(lengths), len(lengths), steps=steps)
 
     def run(result):
         dtype = torch.float32 if precision.startswith("fp32m") else torch.bfloat16
-        model = Qwen35ForCausalLM.from_config(config, device=device, dtype=dtype)
+        model_class = Qwen35ForConditionalGeneration if media is not None else Qwen35ForCausalLM
+        model = model_class.from_config(config, device=device, dtype=dtype)
         if precision == "qlora":
             quantize_linear_layers(model, torch.bfloat16)
         if precision in ("lora", "qlora"):
@@ -306,7 +323,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
         else:
             optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.1, fused=fused or None)
         _with_optimizer_state(optimizer, trained)
-        batch = packed_batch(config.vocab_size, lengths, device)
+        batch = media.packed(device) if media is not None else packed_batch(config.vocab_size, lengths, device)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if not precision.startswith("bf16")
                     else contextlib.nullcontext())
 
@@ -314,7 +331,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
             if "cudagraphs" in rest:
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast:
-                out = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], labels=batch["labels"])
+                out = model(**batch)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -322,7 +339,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device) -> Result:
         if MEMORY_PROFILE and device.type == "cuda":
             _memory_profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs")
         seconds = _timed_steps(step, steps, warmup, device)
-        _fill(result, seconds, step_flops(config, lengths), device)
+        _fill(result, seconds, media.flops() if media is not None else step_flops(config, lengths), device)
         if (BREAKDOWN or PROFILE) and device.type == "cuda":
             result.breakdown = _profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs", device)
 
@@ -340,9 +357,14 @@ def _fill(result: Result, seconds: float, flops: float, device) -> None:
 
 
 def build_peer(config: Qwen35Config, device, liger: bool):
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    """transformers' Qwen3_5ForCausalLM, or Qwen3_5ForConditionalGeneration for a VL config."""
+    from transformers import Qwen3_5Config, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5TextConfig
 
-    model = transformers_model(Qwen3_5ForCausalLM, Qwen3_5TextConfig(**config.to_hf_dict()), device, torch.bfloat16)
+    if isinstance(config, Qwen35VLConfig):
+        model_class, hf_config = Qwen3_5ForConditionalGeneration, Qwen3_5Config(**config.to_hf_dict())
+    else:
+        model_class, hf_config = Qwen3_5ForCausalLM, Qwen3_5TextConfig(**config.to_hf_dict())
+    model = transformers_model(model_class, hf_config, device, torch.bfloat16)
     if liger:
         from liger_kernel.transformers import apply_liger_kernel_to_qwen3_5
 
@@ -350,10 +372,11 @@ def build_peer(config: Qwen35Config, device, liger: bool):
     return model.train()
 
 
-def run_peer(config, name, variant, length, steps, warmup, device) -> Result:
-    """variant: "liger:none", "liger:full", "fla:none" (no Liger) ..."""
+def run_peer(config, name, variant, length, steps, warmup, device, media: VLWorkload | None = None) -> Result:
+    """variant: "liger:none", "liger:full", "fla:none" (no Liger) ...; with `media`, its documents
+    as a padded batch of one document per row (`docs` is then the batch size)."""
     kernels, ac = variant.split(":")
-    result = Result("peer", variant, name, length, 1, steps=steps)
+    result = Result("peer", variant, name, length, 1 if media is None else len(media.docs), steps=steps)
 
     def run(result):
         model = build_peer(config, device, liger=kernels == "liger")
@@ -362,16 +385,20 @@ def run_peer(config, name, variant, length, steps, warmup, device) -> Result:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
         _with_optimizer_state(optimizer, list(model.parameters()))
-        ids = packed_batch(config.vocab_size, [length], device)["input_ids"]
+        if media is None:
+            ids = packed_batch(config.vocab_size, [length], device)["input_ids"]
+            batch = {"input_ids": ids, "labels": ids}
+        else:
+            batch = media.padded(device)
 
         def step():
-            out = model(input_ids=ids, labels=ids, use_cache=False)
+            out = model(**batch, use_cache=False)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         seconds = _timed_steps(step, steps, warmup, device)
-        _fill(result, seconds, step_flops(config, [length]), device)
+        _fill(result, seconds, media.flops() if media is not None else step_flops(config, [length]), device)
         if PROFILE and device.type == "cuda":
             result.breakdown = _profile(step, f"peer {variant} {name} {length}", device)
 
@@ -546,9 +573,36 @@ def final_table(results: list[Result]) -> str:
 
 
 def smoke_config(name: str) -> Qwen35Config:
-    return preset(name, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
-                  linear_key_head_dim=16, linear_value_head_dim=16, vocab_size=1000, eos_token_id=1)
+    config = preset(name, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                    linear_key_head_dim=16, linear_value_head_dim=16, vocab_size=1000, eos_token_id=1)
+    if isinstance(config, Qwen35VLConfig):  # a 2-block tower; the media ids inside the small vocabulary
+        vision = VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                              num_position_embeddings=64)
+        config = dataclasses.replace(config, vision=vision, vision_start_token_id=996, vision_end_token_id=997,
+                                     image_token_id=998, video_token_id=999)
+    return config
+
+
+def vl_rows(config: Qwen35VLConfig, name: str, args, record, device) -> None:
+    """A vision-language preset's rows: ours on the packed image-text row of each `--seq-lens`,
+    then every peer variant on the same documents as a padded batch; `record` keeps each row."""
+    image_px = args.vl_image_px or (64 if args.smoke else 448)
+    text_tokens = args.vl_text_tokens or (24 if args.smoke else 300)
+    for seq_len in args.seq_lens:
+        try:
+            media = VLWorkload(config, seq_len, image_px, text_tokens)
+        except Exception as e:  # a row that cannot be built is an error row, not the end of the table
+            record(Result("ours", "-", name, seq_len, 0, status=f"error: {type(e).__name__}: {e}"))
+            continue
+        docs = len(media.docs)
+        print(f"[vl] {name}, {seq_len} tokens: {docs} documents of one image each ({media.image_tokens} image "
+              f"tokens from {media.pixel_values.shape[0]} patches, {seq_len - media.image_tokens - 2 * docs} "
+              f"text tokens); the peer's padded batch: {docs} x {max(media.lengths)}", flush=True)
+        for variant in args.ours:
+            record(run_ours(config, name, variant, None, args.steps, args.warmup, device, media))
+        for variant in args.peer_variants if args.peer else []:
+            record(run_peer(config, name, variant, seq_len, args.steps, args.warmup, device, media))
 
 
 def _layout(text: str) -> str:
@@ -563,6 +617,10 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--presets", nargs="+", default=["0.8B", "2B"])
     p.add_argument("--seq-lens", nargs="+", type=int, default=[8192])
     p.add_argument("--docs", nargs="+", type=int, default=[4], help="documents per packed row (ours)")
+    p.add_argument("--vl-image-px", type=int, help="vision-language presets: image side the documents vary "
+                   "around (default 448; --smoke 64)")
+    p.add_argument("--vl-text-tokens", type=int, help="vision-language presets: text tokens per document "
+                   "(default 300; --smoke 24)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ours", nargs="*", default=["fp32m:none", "fp32m:selective", "fp32m:full", "bf16:none"])
@@ -636,6 +694,9 @@ def main(argv=None) -> list[Result]:
         config = smoke_config(name) if args.smoke else preset(name)
         if args.only_max_context:
             break
+        if isinstance(config, Qwen35VLConfig):
+            vl_rows(config, name, args, record, device)
+            continue
         for seq_len in args.seq_lens:
             for docs in args.docs:
                 lengths = document_lengths(seq_len, docs)

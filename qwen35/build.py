@@ -91,16 +91,17 @@ def model_config(cfg: RunConfig, tokenizer) -> Qwen35Config:
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if cfg.model.preset in SIZED_FOR_TOKENIZER:
         config = preset(cfg.model.preset, vocab_size=len(tokenizer), **ids)
-        if isinstance(config, Qwen35VLConfig):  # the media tokens at the tokenizer's ids
-            names = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
-                         vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
-            config = dataclasses.replace(config, **{k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()})
-        return config
-    config = preset(cfg.model.preset)  # trained with the run's tokenizer: it must fit, and stop and pad at its ids
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(f"model.preset {cfg.model.preset}: vocab_size {config.vocab_size} is smaller than the "
-                         f"tokenizer's {len(tokenizer)} entries")
-    return dataclasses.replace(config, **ids)
+    else:
+        config = preset(cfg.model.preset)  # trained with the run's tokenizer: it must fit, and stop and pad at its ids
+        if len(tokenizer) > config.vocab_size:
+            raise UserError(f"model.preset {cfg.model.preset}: vocab_size {config.vocab_size} is smaller than the "
+                            f"tokenizer's {len(tokenizer)} entries")
+        config = dataclasses.replace(config, **ids)
+    if isinstance(config, Qwen35VLConfig):  # the media tokens at the tokenizer's ids
+        names = dict(image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+                     vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+        config = dataclasses.replace(config, **{k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()})
+    return config
 
 
 def parameter_dtype(cfg: RunConfig, rt: Runtime) -> torch.dtype:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _PATH = Path(__file__).parents[1] / "benchmarks" / "bench_train.py"
 
@@ -100,3 +101,71 @@ def test_parallel_smoke_run_on_the_cpu_writes_its_trials(bench, tmp_path):
     assert [(r["layout"], r["trial"], r["seq_len"], r["status"]) for r in rows] == [
         ("cp2", "throughput", 64, "ok"), ("cp2", "max-context", 32, "ok")]
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_vision_language_rows_pack_the_same_documents_the_peer_gets_padded(bench):
+    """The 2B-vl workload at 8k: image-text documents filling the row exactly, ~448-pixel images;
+    ours and the peer get the same tokens and images, ours in one row, the peer one per row."""
+    from vl_rows import VLWorkload
+
+    from qwen35 import preset
+
+    config = preset("2B-vl")
+    v = config.vision
+    assert (v.depth, v.hidden_size, v.num_heads, v.intermediate_size, v.out_hidden_size) == (27, 1152, 16, 4304, 2048)
+    media = VLWorkload(config, 8192, 448, 300)
+    docs = len(media.docs)
+    assert sum(media.lengths) == 8192 and 12 <= docs <= 20
+    assert 150 <= media.image_tokens / docs <= 250 and media.pixel_values.shape[0] == 4 * media.image_tokens
+    packed, padded = media.packed("cpu"), media.padded("cpu")
+    ids = packed["input_ids"][0]
+    assert (ids == config.image_token_id).sum() == media.image_tokens == (packed["labels"] == -100).sum()
+    assert torch.equal(padded["input_ids"][padded["attention_mask"].bool()], ids)
+    assert padded["input_ids"].shape == (docs, max(media.lengths))
+    assert torch.equal(padded["pixel_values"], packed["pixel_values"])
+    starts = packed["cu_seqlens"][:-1].long()
+    assert packed["position_ids"][:, 0, starts].eq(0).all() and packed["position_ids"][0, 0, 1:].gt(0).any()
+    assert (padded["labels"] != -100).sum() == (packed["labels"] != -100).sum()
+
+
+def test_vision_language_smoke_run_on_the_cpu_gives_ours_and_the_peer_with_numbers(bench, capsys):
+    """The smoke path of the VL rows: tiny 2B-vl (2-block tower), ours packed and transformers'
+    Qwen3_5ForConditionalGeneration padded, in one table with the ratio to the peer."""
+    results = bench.main(["--smoke", "--presets", "2B-vl", "--seq-lens", "160", "--steps", "1", "--warmup", "0",
+                          "--ours", "fp32m:none"])
+    assert [(r.system, r.variant, r.preset, r.seq_len, r.status) for r in results] == [
+        ("ours", "fp32m:none", "2B-vl", 160, "ok"), ("peer", "fla:none", "2B-vl", 160, "ok")]
+    ours, peer = results
+    assert ours.docs == peer.docs > 1  # one packed row of several documents; the peer's batch of as many rows
+    assert all(r.tokens_per_s > 0 and r.step_ms > 0 and r.mfu > 0 for r in results)
+    table = capsys.readouterr().out.split("\n\n")[-2]  # the final table, before its fastest-peer line
+    assert f"| ours | fp32m:none | 2B-vl | 160 | {ours.docs} | {ours.tokens_per_s:,.0f} |" in table
+    assert "x fla:none |" in table and "| peer | fla:none | 2B-vl | 160 |" in table and "(fastest peer)" in table
+
+
+def test_the_peer_padded_batch_and_our_packed_row_are_the_same_training_problem(bench):
+    """Same weights (float32, CPU, reference ops): transformers' model on the padded batch and ours
+    on the packed row give the same mean loss, so both sides train on the same documents, images,
+    positions and loss tokens."""
+    import dataclasses
+
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from vl_rows import VLWorkload
+
+    from qwen35 import Qwen35ForConditionalGeneration, ops
+
+    ops.use_backend("reference")
+    # a rotary of 12 frequencies, 4 per M-RoPE axis, so that every axis turns
+    config = dataclasses.replace(bench.smoke_config("2B-vl"), partial_rotary_factor=0.75, mrope_section=(4, 4, 4))
+    media = VLWorkload(config, 200, 64, 24)
+    torch.manual_seed(0)
+    ours = Qwen35ForConditionalGeneration.from_config(config, dtype=torch.float32)
+    hf_config = Qwen3_5Config(**config.to_hf_dict())
+    hf_config._attn_implementation = "eager"
+    peer = Qwen3_5ForConditionalGeneration(hf_config).float()
+    missing, unexpected = peer.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing)
+    with torch.no_grad():
+        mine = ours(**media.packed("cpu")).loss
+        theirs = peer(**media.padded("cpu"), use_cache=False).loss
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)

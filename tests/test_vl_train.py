@@ -107,6 +107,22 @@ def test_freeze_leaves_exactly_the_named_parts_without_gradient(setup, parts):
     assert any(n.startswith(frozen) for n in names)
 
 
+def test_the_2b_vl_preset_has_the_published_tower_and_the_run_tokenizers_media_ids(tmp_path):
+    """2B-vl (the benchmark's vision-language preset) is the 2B language model with the 27-block,
+    1152-wide tower merged to its width; trained with the run's tokenizer, its media tokens sit at
+    that tokenizer's ids, as tiny-vl's do."""
+    from qwen35.build import is_vision_language, load_tokenizer
+
+    cfg = load_run_config(None, ["--model.preset", "2B-vl", "--train.output_dir", str(tmp_path)])
+    tokenizer = load_tokenizer(cfg)
+    config = model_config(cfg, tokenizer)
+    assert is_vision_language(cfg) and (config.hidden_size, config.num_hidden_layers) == (2048, 24)
+    v = config.vision
+    assert (v.depth, v.hidden_size, v.num_heads, v.intermediate_size, v.out_hidden_size) == (27, 1152, 16, 4304, 2048)
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>") != 248056
+    assert config.vision_end_token_id == tokenizer.convert_tokens_to_ids("<|vision_end|>")
+
+
 def test_freeze_is_refused_for_a_text_model():
     from qwen35.model import preset
 

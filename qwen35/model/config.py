@@ -187,12 +187,18 @@ _CPU_PRESETS = {
     "tiny-moe": dict(_TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
                      shared_expert_intermediate_size=96, router_aux_loss_coef=0.001),
 }
+# Vision-language presets: (language preset, vision_config); out_hidden_size is the language width.
 # tiny-vl: the tiny language model with a 2-block, 64-wide vision tower (an 8x8 position
 # table): the built-in vision-language run's model, trained from scratch on a CPU.
+# 2B-vl: the 2B language model with the published Qwen3.5 vision tower (27 blocks, width 1152,
+# 16 heads, MLP 4304, patch 16, a 48x48 position table): `VisionConfig`'s defaults, which are
+# transformers' `Qwen3_5VisionConfig` defaults (docs/vision.md lists them); the benchmark's
+# vision-language row.
 _VL_PRESETS = {"tiny-vl": ("tiny", dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
-                                        num_position_embeddings=64))}
+                                        num_position_embeddings=64)),
+               "2B-vl": ("2B", {})}
 # vocabulary and special ids come from the run's tokenizer
-SIZED_FOR_TOKENIZER = (*_CPU_PRESETS, *_VL_PRESETS)
+SIZED_FOR_TOKENIZER = (*_CPU_PRESETS, "tiny-vl")
 PRESETS = (*_CPU_PRESETS, *_VL_PRESETS, *_SIZES)
 
 

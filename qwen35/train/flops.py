@@ -9,6 +9,15 @@ Per step of T tokens in documents of lengths L_d (docs/gpu.md#model-flops-and-mf
 
 N is the parameters outside the embedding and head, the routed experts counted at top-k / E
 (what one token runs through), read off a meta-device model of the config.
+
+A vision-language step adds its vision tower (`vision_flops`): N patches in frames of n_f
+patches, width D, MLP I, depth L, patch vectors of K = C * Tp * P^2 values, merged width
+M = D * S^2 (S the merge size), language width H:
+
+    6 * N * L * (4 D^2 + 2 D I)      blocks' weight matmuls (qkv, proj, two MLP), fwd + bwd
+  + 4 * N * K * D                    patch embedding, fwd + weight gradient (pixels need none)
+  + 6 * (N / S^2) * (M^2 + M H)      2x2 patch merger
+  + L * 12 * D * sum_f n_f^2         bidirectional attention within each frame, fwd + bwd
 """
 
 from __future__ import annotations
@@ -50,3 +59,18 @@ def flops_per_token(config: Qwen35Config, seq_len: int) -> float:
     """Per token of rows `seq_len` long, counted as one document each (packed rows of shorter
     documents do less attention work: MFU then reads a little high)."""
     return step_flops(config, [seq_len]) / seq_len
+
+
+def vision_flops(vision, grid_thw) -> float:
+    """Model FLOPs of the vision tower `vision` (a `VisionConfig`) over media of `grid_thw`
+    (`[num_media, 3]` patch grids, as the processor returns them), forward and backward."""
+    frames = [(t, h * w) for t, h, w in (tuple(int(x) for x in g) for g in grid_thw)]
+    patches = sum(t * n for t, n in frames)
+    d, inner, merge = vision.hidden_size, vision.intermediate_size, vision.spatial_merge_size ** 2
+    k = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    merged = d * merge
+    blocks = 6 * patches * vision.depth * (4 * d * d + 2 * d * inner)
+    embed = 4 * patches * k * d
+    merger = 6 * (patches // merge) * (merged * merged + merged * vision.out_hidden_size)
+    attention = vision.depth * 12 * d * sum(t * n * n for t, n in frames)
+    return float(blocks + embed + merger + attention)
