@@ -318,8 +318,8 @@ def run_ours(config, name, variant, lengths, steps, warmup, device, media: VLWor
         if precision == "offload":
             optimizer = OffloadedAdamW(trained, lr=1e-5, weight_decay=0.1)
         elif precision in OPTIM_PRECISIONS:
-            name, weights = OPTIM_PRECISIONS[precision]
-            optimizer = build_optimizer(model, 1e-5, 0.1, (0.9, 0.95), 1e-8, name=name, weights=weights)
+            optim_name, weights = OPTIM_PRECISIONS[precision]
+            optimizer = build_optimizer(model, 1e-5, 0.1, (0.9, 0.95), 1e-8, name=optim_name, weights=weights)
         else:
             optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.1, fused=fused or None)
         _with_optimizer_state(optimizer, trained)
