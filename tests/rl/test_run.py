@@ -126,3 +126,19 @@ def test_lora_run_exports_an_adapter_and_keeps_the_base(tmp_path):
     assert rows[0]["kl"] < 1e-6 < rows[1]["kl"]  # the reference is the base: equal to the policy at first
     assert (tmp_path / "lora" / "final" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "lora" / "final" / "model.safetensors").exists()
+
+
+def test_a_cpu_offloaded_optimizer_trains_like_the_plain_one(tmp_path):
+    """`optim.cpu_offload` (float32 masters and moments in CPU memory) through the GRPO loop: on a
+    float32 CPU model its steps are AdamW's, so the run's losses and final weights are the plain run's."""
+    for out, extra in (("plain", ()), ("offload", ("--optim.cpu_offload", "true"))):
+        main(["rl", *_flags(tmp_path, out, "--train.max_steps", "2", "--train.save_steps", "0", *extra)])
+    plain, offload = ([r for r in _rows(tmp_path / d) if "reward_mean" in r] for d in ("plain", "offload"))
+    assert [r["step"] for r in offload] == [1, 2]
+    for a, b in zip(plain, offload):
+        assert a["reward_mean"] == b["reward_mean"]
+        assert abs(a["policy_loss"] - b["policy_loss"]) <= 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5
+    start = load_file(tmp_path / "model" / "model.safetensors")
+    ours, theirs = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("plain", "offload"))
+    assert any(not torch.equal(ours[k], start[k]) for k in start)
+    assert all(torch.allclose(ours[k].float(), theirs[k].float(), atol=1e-6) for k in ours)
