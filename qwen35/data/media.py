@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qwen35.data.formats import MalformedRecord, Sample, _chat, to_sample
+from qwen35.data.formats import DataError, MalformedRecord, Sample, _chat, to_sample
 from qwen35.data.render import ChatRenderer
 from qwen35.data.video import VIDEO_PAD, VideoClip, video_clip, video_pixels, video_placeholder
 from qwen35.ops.cross_entropy import IGNORE_INDEX
@@ -170,8 +170,8 @@ class MediaEncoder:
 
     def _video_clip(self, path: str, i: int, where: str) -> VideoClip:
         if self.video_processor is None:
-            raise ValueError(f"{where}: video {i} ({path}): the model directory has no video_preprocessor_config.json "
-                             "to prepare videos with")
+            raise DataError(f"{where}: video {i} ({path}): the model directory has no video_preprocessor_config.json "
+                            "to prepare videos with")
         try:
             return video_clip(path, self.video_processor)
         except OSError as e:

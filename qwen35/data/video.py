@@ -27,6 +27,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from qwen35.errors import UserError
+
 VIDEO_PAD = "<|video_pad|>"
 
 
@@ -45,7 +47,7 @@ def _av():
     try:
         import av
     except ImportError:
-        raise ImportError("videos are read with PyAV: pip install 'qwen35[video]' (or pip install av)") from None
+        raise UserError("videos are read with PyAV, which is not installed: pip install 'qwen35[video]'") from None
     return av
 
 
@@ -122,6 +124,8 @@ def load_clip(clip: VideoClip) -> np.ndarray:
 
 def video_pixels(clips: list[VideoClip], processor) -> dict[str, torch.Tensor]:
     """`pixel_values_videos` and `video_grid_thw` of the clips, in order (frames decoded now)."""
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
     videos = []
     for clip in clips:
         frames = torch.from_numpy(load_clip(clip)).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
@@ -129,8 +133,6 @@ def video_pixels(clips: list[VideoClip], processor) -> dict[str, torch.Tensor]:
             # torchvision's resize of an 8-bit image: bicubic with antialiasing in float, rounded back
             frames = torch.nn.functional.interpolate(frames, size=(clip.height, clip.width), mode="bicubic",
                                                      align_corners=False, antialias=True).clamp_(0, 255).round_()
-        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_std).view(3, 1, 1)
         videos.append((frames * processor.rescale_factor - mean) / std)
     # the frames are ready: the processor only orders the patches (its resizing and normalising
     # steps are torchvision's, done above)

@@ -2,6 +2,7 @@
 (frames sampled, timestamps, pads, patches), both record forms, the pixel budget, and missing
 or corrupt videos counted with file and line."""
 
+import itertools
 import json
 
 import av
@@ -148,3 +149,23 @@ def test_a_missing_or_corrupt_video_is_counted_with_file_and_line_or_fatal(token
             sharegpt("?", "x", ["clip.mp4"]) | {"videos": ["clip.mp4"] * 2}, "f:9", media / "d.jsonl")
     with pytest.raises(ValueError, match="no video_preprocessor_config.json"):
         build_media_datasets(config, tokenizer, image_processor, None)
+
+
+def test_rows_with_videos_are_decoded_in_loader_workers_as_in_process(tokenizer, processors, media):
+    from qwen35.data.loader import PackedLoader
+    from qwen35.data.media import collate_media
+
+    image_processor, video_processor = processors
+    data_file = _write(media / "v.jsonl", [openai("?", "a", "clip.mp4"), openai("?", "b", "red.png", "odd.mp4"),
+                                           openai("?", "c", "red.png")] * 2)
+    data = build_media_datasets({"train_path": str(data_file), "seq_len": 256}, tokenizer, image_processor,
+                                video_processor)
+    def epoch(**workers):
+        loader = PackedLoader(data.train, 2, collate_fn=collate_media, shuffle=False, **workers)
+        return list(itertools.islice(loader, loader.batches_per_epoch))
+
+    in_process, in_workers = epoch(), epoch(num_workers=2)
+    assert len(in_process) == len(in_workers) > 0
+    assert sum(len(b.get("video_grid_thw", [])) for b in in_process) == 4
+    for a, b in zip(in_process, in_workers):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
