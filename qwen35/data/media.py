@@ -65,6 +65,8 @@ def media_parts(record: Any, where: str) -> tuple[list[dict], list[str], list[st
         return None
     if isinstance(record.get("messages"), list):
         return _openai(record["messages"], bad)
+    if not isinstance(record.get("conversations"), list):
+        return None
     lists = {}
     for kind, keys in (("image", ("images", "image")), ("video", ("videos", "video"))):
         paths = next((record[k] for k in keys if record.get(k)), [])
@@ -72,9 +74,7 @@ def media_parts(record: Any, where: str) -> tuple[list[dict], list[str], list[st
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise bad(f"{keys[0]} must be a list of paths")
         lists[kind] = paths
-    if isinstance(record.get("conversations"), list) and (lists["image"] or lists["video"]):
-        return _sharegpt_with_media(record, lists, where, bad)
-    return None
+    return _sharegpt_with_media(record, lists, where, bad) if lists["image"] or lists["video"] else None
 
 
 def _openai(messages: list, bad) -> tuple[list[dict], list[str], list[str]] | None:
@@ -103,7 +103,8 @@ def _openai(messages: list, bad) -> tuple[list[dict], list[str], list[str]] | No
     return (out, paths["image"], paths["video"]) if paths["image"] or paths["video"] else None
 
 
-def _sharegpt_with_media(record: dict, lists: dict[str, list[str]], where: str, bad):
+def _sharegpt_with_media(record: dict, lists: dict[str, list[str]], where: str,
+                         bad) -> tuple[list[dict], list[str], list[str]]:
     text_only = to_sample({k: v for k, v in record.items() if k not in ("images", "image", "videos", "video")}, where)
     for kind, tag in (("image", IMAGE_TAG), ("video", VIDEO_TAG)):
         tags = sum(m["content"].count(tag) for m in text_only.messages)
