@@ -17,6 +17,8 @@ from qwen35.errors import UserError
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     import torch
     from transformers import AutoTokenizer
 
@@ -24,27 +26,32 @@ def _generate(args: argparse.Namespace) -> None:
     from qwen35.model.config import read_config_json
 
     vision = "vision_config" in _as_user_error(read_config_json, args.model)
-    if args.image and not vision:
-        raise UserError(f"--image: {args.model} holds a text-only model (its config.json has no vision_config); "
-                        "images need a vision-language model")
-    images = _read_images(args.image)
+    for flag, paths in (("--image", args.image), ("--video", args.video)):
+        if paths and not vision:
+            raise UserError(f"{flag}: {args.model} holds a text-only model (its config.json has no vision_config); "
+                            f"{flag[2:]}s need a vision-language model")
+        for path in paths:
+            if not Path(path).is_file():
+                raise UserError(f"{flag} {path}: no such file")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_class = Qwen35ForConditionalGeneration if vision else Qwen35ForCausalLM
     model = model_class.from_pretrained(args.model, dtype=dtype, device=device).eval()
-    # the images' placeholders come first, then the text (as the chat template writes image parts)
+    # the media's placeholders come first, images then videos, then the text (as the chat
+    # template writes media parts)
     if args.chat:
-        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": args.prompt}] if images else args.prompt
+        parts = [{"type": "image"}] * len(args.image) + [{"type": "video"}] * len(args.video)
+        content = parts + [{"type": "text", "text": args.prompt}] if parts else args.prompt
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
             return_dict=False, enable_thinking=args.thinking,
         )
     else:
-        ids = tokenizer(IMAGE_PLACEHOLDER * len(images) + args.prompt)["input_ids"]
+        ids = tokenizer(IMAGE_PLACEHOLDER * len(args.image) + VIDEO_PLACEHOLDER * len(args.video) + args.prompt)["input_ids"]
     media = {}
-    if images:
-        ids, media = _image_inputs(args.model, images, ids, model.config.image_token_id)
+    if args.image or args.video:
+        ids, media = _media_inputs(args.model, args.image, args.video, ids, tokenizer, model.config)
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(
@@ -61,40 +68,46 @@ def _generate(args: argparse.Namespace) -> None:
     print(answer)
 
 
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # what Qwen3.5's chat template writes per image
+# what Qwen3.5's chat template writes per image and per video
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
-def _read_images(paths: list[str]) -> list:
-    """The `--image` files, decoded; a missing or undecodable one is named in a UserError."""
-    from pathlib import Path
-
-    from qwen35.data.media import load_images
-
-    for path in paths:
-        if not Path(path).is_file():
-            raise UserError(f"--image {path}: no such file")
-    try:
-        return load_images(tuple(paths))
-    except OSError as e:
-        raise UserError(f"--image: {e}") from None
-
-
-def _image_inputs(model_dir: str, images: list, ids: list[int], image_token_id: int) -> tuple[list[int], dict]:
-    """`ids` with each image's one `<|image_pad|>` expanded to its number of tokens, and the
-    images' pixels and grids, through the model directory's own image processor (transformers',
-    as in training)."""
+def _media_inputs(model_dir: str, images: list[str], videos: list[str], ids: list[int], tokenizer,
+                  config) -> tuple[list[int], dict]:
+    """`ids` with each image's `<|image_pad|>` and each video's `<|video_pad|>` expanded as
+    transformers' processor expands them, and the media's pixels and grids, through the model
+    directory's own image and video processors (transformers', as in training). A file that
+    cannot be decoded is named in a UserError."""
     import numpy as np
 
-    from qwen35.data.media import image_pad_repeats
-    from qwen35.data.processor import load_image_processor
+    from qwen35.data.media import expand_placeholders, load_images
+    from qwen35.data.processor import load_image_processor, load_video_processor
+    from qwen35.data.video import video_clip, video_pixels, video_placeholder
 
-    processor = _as_user_error(load_image_processor, model_dir)
-    pixels = processor(images=images, return_tensors="pt")
-    counts = (pixels["image_grid_thw"].prod(-1) // processor.merge_size ** 2).tolist()
+    media, counts, pieces = {}, [], []
+    if images:
+        processor = _as_user_error(load_image_processor, model_dir)
+        try:
+            pixels = processor(images=load_images(tuple(images)), return_tensors="pt")
+        except OSError as e:
+            raise UserError(f"--image: {e}") from None
+        media.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+        counts = (pixels["image_grid_thw"].prod(-1) // processor.merge_size ** 2).tolist()
+    if videos:
+        processor = load_video_processor(model_dir)
+        if processor is None:
+            raise UserError(f"--video: {model_dir} has no video_preprocessor_config.json")
+        try:
+            clips = [video_clip(path, processor) for path in videos]
+            media.update(video_pixels(clips, processor))
+        except OSError as e:
+            raise UserError(f"--video: {e}") from None
+        pieces = [tokenizer(video_placeholder(c, processor), add_special_tokens=False)["input_ids"] for c in clips]
     ids = np.asarray(ids)
-    assert int((ids == image_token_id).sum()) == len(images), "one <|image_pad|> per image before expansion"
-    expanded = np.repeat(ids, image_pad_repeats(ids, image_token_id, counts)).tolist()
-    return expanded, dict(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+    expanded, _ = expand_placeholders(ids, np.zeros(len(ids), dtype=bool), config.image_token_id, counts,
+                                      config.video_token_id, pieces)
+    return expanded.tolist(), media
 
 
 def split_reply(text: str) -> tuple[str, str]:
@@ -272,14 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("output_dir")
     plot.set_defaults(run=_plot)
 
-    gen = commands.add_parser("generate", help="generate text from a model directory, with images for a "
-                              "vision-language model")
+    gen = commands.add_parser("generate", help="generate text from a model directory, with images and "
+                              "videos for a vision-language model")
     gen.add_argument("--model", required=True, help="model directory (config.json, safetensors, tokenizer; "
-                     "a vision-language model's also preprocessor_config.json)")
+                     "a vision-language model's also preprocessor_config.json, video_preprocessor_config.json)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--image", action="append", default=[], metavar="PATH",
                      help="an image for a vision-language model, placed before the prompt's text (repeat for "
-                     "several, in order); videos are not taken yet")
+                     "several, in order)")
+    gen.add_argument("--video", action="append", default=[], metavar="PATH",
+                     help="a video for a vision-language model (decoded with PyAV, frames sampled by the model's "
+                     "video processor), placed after the images and before the text (repeat for several)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template and "
                      "print only the answer")

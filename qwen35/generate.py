@@ -3,8 +3,8 @@
 The prompts are prefilled together as one packed row (no padding ever enters a recurrent
 state), then every step feeds one token per sequence through the per-layer cache.
 
-The vision-language model decodes through the same loop (`generate_with_media`): its images
-enter with the prompts' forward, which also records in the cache where each sequence's M-RoPE
+The vision-language model decodes through the same loop (`generate_with_media`): its images and
+videos enter with the prompts' forward, which also records in the cache where each sequence's M-RoPE
 positions continue (`qwen35.model.vl.Qwen35VLModel.forward`).
 """
 
@@ -111,27 +111,30 @@ def generate_with_media(
     pixel_values: torch.Tensor | None = None,
     image_grid_thw: torch.Tensor | None = None,
     mm_token_type_ids: Sequence[Sequence[int]] | torch.Tensor | None = None,
+    pixel_values_videos: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
     **options,
 ):
-    """`Qwen35ForConditionalGeneration.generate`: `generate` for prompts with images, given as
-    transformers' processor returns them (`input_ids` padded, with `attention_mask`, or a list
-    of token lists; `pixel_values` and `image_grid_thw` of all images in order of appearance;
-    `mm_token_type_ids` optional, derived from the image pad tokens when absent). `options` are
-    `generate`'s. Videos are not taken yet."""
-    videos = options.pop("pixel_values_videos", None), options.pop("video_grid_thw", None)
-    if any(v is not None for v in videos):
-        raise ValueError("generate: pixel_values_videos: generation with videos is not built; pass images only")
+    """`Qwen35ForConditionalGeneration.generate`: `generate` for prompts with images and videos,
+    given as transformers' processor returns them (`input_ids` padded, with `attention_mask`, or
+    a list of token lists; `pixel_values` / `image_grid_thw` of all images and
+    `pixel_values_videos` / `video_grid_thw` of all videos, each in order of appearance;
+    `mm_token_type_ids` optional, derived from the pad tokens when absent). `options` are
+    `generate`'s."""
     prompts = _unpadded(input_ids, attention_mask)
+    param = next(model.parameters())
     media = {}
-    if pixel_values is not None:
-        if image_grid_thw is None:
-            raise ValueError("generate: pixel_values need their image_grid_thw")
-        param = next(model.parameters())
-        media = dict(pixel_values=pixel_values.to(param.device, _embeddings(model).weight.dtype),
-                     image_grid_thw=image_grid_thw.to(param.device))
-        if mm_token_type_ids is not None:
-            types = [t for row in _unpadded(mm_token_type_ids, attention_mask) for t in row]
-            media["mm_token_type_ids"] = torch.tensor(types, device=param.device)[None]
+    for pixels, grid, names in ((pixel_values, image_grid_thw, ("pixel_values", "image_grid_thw")),
+                                (pixel_values_videos, video_grid_thw, ("pixel_values_videos", "video_grid_thw"))):
+        if pixels is None:
+            continue
+        if grid is None:
+            raise ValueError(f"generate: {names[0]} need their {names[1]}")
+        media[names[0]] = pixels.to(param.device, _embeddings(model).weight.dtype)
+        media[names[1]] = grid.to(param.device)
+    if media and mm_token_type_ids is not None:
+        types = [t for row in _unpadded(mm_token_type_ids, attention_mask) for t in row]
+        media["mm_token_type_ids"] = torch.tensor(types, device=param.device)[None]
     return generate(model, prompts, media=media, **options)
 
 

@@ -185,6 +185,19 @@ def vl_media_batch() -> dict:
                 image_grid_thw=torch.tensor([[1, 4, 4]]), mm_token_type_ids=(ids == 94).long())
 
 
+def write_video(path, frames, fps: int = 8):
+    """An MPEG-4 video of `frames` (uint8 [T, H, W, 3], H and W even) at `fps`, written with PyAV."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
 def random_adapters(model, std: float = 0.05) -> None:
     """Every adapter weight drawn from a seed of its name (B included, which starts at zero), so
     an adapter changes the output and two models with the same targets get the same adapters."""

@@ -1,9 +1,11 @@
 """`qwen35 generate`: `--chat` prints the assistant's answer, not the chat template's markers;
-`--image` gives a vision-language model images, as `model.generate` takes them."""
+`--image` and `--video` give a vision-language model images and videos, as `model.generate` takes
+them."""
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,7 +13,7 @@ from PIL import Image
 from qwen35 import Qwen35ForConditionalGeneration
 from qwen35.build import load_tokenizer, model_config
 from qwen35.cli import main, split_reply
-from qwen35.data.processor import load_image_processor
+from qwen35.data.processor import load_image_processor, load_video_processor
 from qwen35.errors import EXIT_USER_ERROR
 from qwen35.train.config_parser import load_run_config
 from qwen35.train.setup import Runtime, export_model
@@ -40,8 +42,10 @@ def test_generate_chat_runs_on_a_model_directory(tmp_path):
 @pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory):
     """A tiny vision-language model directory as the trainer exports one: the tiny-vl preset's
-    weights, the project's tokenizer, the image processor's preprocessor_config.json; and two
-    images of different sizes."""
+    weights, the project's tokenizer, the image and video processors' configs; two images of
+    different sizes and a video."""
+    from reference import write_video
+
     root = tmp_path_factory.mktemp("vl")
     cfg = load_run_config(None, ["--model.preset", "tiny-vl", "--train.output_dir", str(root / "run")])
     tokenizer = load_tokenizer(cfg)
@@ -51,9 +55,10 @@ def vl_dir(tmp_path_factory):
         for p in model.parameters():
             p.normal_(0, 0.5)
     export_model(model, tokenizer, root / "model", Runtime(torch.device("cpu"), 0, 1, None),
-                 load_image_processor(None, 32 * 32, 64 * 96), None)
+                 load_image_processor(None, 32 * 32, 64 * 96), None, load_video_processor(None, 2, 8, 32 * 32, 4 * 64 * 64))
     Image.effect_noise((64, 64), 80).convert("RGB").save(root / "a.png")
     Image.effect_noise((96, 32), 40).convert("RGB").save(root / "b.png")
+    write_video(root / "v.mp4", np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8), fps=4)
     return root
 
 
@@ -122,3 +127,52 @@ def test_generate_refuses_images_for_a_text_model_and_names_a_missing_or_unreada
     broken.write_bytes(b"not an image")
     assert str(broken) in _refused(capsys, "--model", vl_dir / "model", "--image", vl_dir / "a.png",
                                    "--image", broken, "--prompt", "hi")
+
+
+def _expected_with_video(directory, video, prompt) -> str:
+    """`model.generate` on the chat prompt with the video as the training pipeline prepares it."""
+    from transformers import AutoTokenizer
+
+    from qwen35.data.media import expand_placeholders
+    from qwen35.data.video import video_clip, video_pixels, video_placeholder
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    processor = load_video_processor(str(directory))
+    clip = video_clip(str(video), processor)
+    ids = np.asarray(tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=False, enable_thinking=False))
+    model = Qwen35ForConditionalGeneration.from_pretrained(directory)
+    piece = tokenizer(video_placeholder(clip, processor), add_special_tokens=False)["input_ids"]
+    ids, _ = expand_placeholders(ids, np.zeros(len(ids), dtype=bool), model.config.image_token_id, [],
+                                 model.config.video_token_id, [piece])
+    out = model.generate([ids.tolist()], **video_pixels([clip], processor), max_new_tokens=8,
+                         eos_token_id=tokenizer.eos_token_id)[0]
+    return split_reply(tokenizer.decode(out, skip_special_tokens=False))[1]
+
+
+def test_generate_with_a_video_prints_what_model_generate_gives(vl_dir, capsys):
+    model = vl_dir / "model"
+    assert (model / "video_preprocessor_config.json").is_file()  # the export carries the video processor
+    printed = _cli(capsys, "--model", model, "--video", vl_dir / "v.mp4", "--prompt", "What is this?",
+                   "--max-new-tokens", 8, "--chat")
+    assert printed == _expected_with_video(model, vl_dir / "v.mp4", "What is this?")
+    without = _cli(capsys, "--model", model, "--prompt", "What is this?", "--max-new-tokens", 8, "--chat")
+    with_image = _cli(capsys, "--model", model, "--image", vl_dir / "a.png", "--video", vl_dir / "v.mp4",
+                      "--prompt", "What is this?", "--max-new-tokens", 8)
+    assert printed != without and with_image  # the video makes a difference; images and videos together run
+
+
+def test_generate_names_a_missing_or_corrupt_video_and_refuses_videos_for_a_text_model(vl_dir, tmp_path, capsys):
+    from reference import tiny_model_dir
+
+    missing = tmp_path / "missing.mp4"
+    assert f"--video {missing}: no such file" in _refused(capsys, "--model", vl_dir / "model", "--video", missing,
+                                                           "--prompt", "hi")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    assert f"--video: video {broken}" in _refused(capsys, "--model", vl_dir / "model", "--video", broken,
+                                                  "--prompt", "hi")
+    text_model = tiny_model_dir(tmp_path / "text")
+    capsys.readouterr()
+    assert "text-only" in _refused(capsys, "--model", text_model, "--video", vl_dir / "v.mp4", "--prompt", "hi")

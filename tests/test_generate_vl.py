@@ -1,4 +1,4 @@
-"""Generation with images: greedy output equals transformers' Qwen3_5ForConditionalGeneration
+"""Generation with images and videos: greedy output equals transformers' Qwen3_5ForConditionalGeneration
 token for token, and the decoding steps continue the prompts' M-RoPE positions."""
 
 import torch
@@ -9,6 +9,7 @@ from qwen35.model.cache import InferenceCache
 from qwen35.model.vl import mm_token_types, mrope_positions
 
 START, END, IMAGE = VL_TOKENS["vision_start_token_id"], VL_TOKENS["vision_end_token_id"], VL_TOKENS["image_token_id"]
+VIDEO = VL_TOKENS["video_token_id"]
 PATCH_VALUES = 3 * 2 * 16 * 16
 NEW = 12
 
@@ -93,3 +94,41 @@ def test_decoding_after_an_image_continues_from_its_largest_position_plus_one(tm
         assert cache.position_offsets.tolist() == [10 - len(ids)]
         hidden += [ours.model(torch.tensor([[t]]), cache=cache)[0, -1] for t in tokens]
     torch.testing.assert_close(ours.lm_head(torch.stack(hidden)), full, rtol=1e-5, atol=1e-5)
+
+
+def _video(gen, grid):
+    """A video's tokens as the processor writes them (per frame pair a timestamp, here 3 random
+    text tokens, then its own vision run of pads) and its pixel rows."""
+    t, h, w = grid
+    ids = []
+    for _ in range(t):
+        ids += torch.randint(2, 90, (3,), generator=gen).tolist() + [START] + [VIDEO] * (h * w // 4) + [END]
+    return ids, torch.randn(t * h * w, PATCH_VALUES, generator=gen)
+
+
+def test_greedy_generation_with_videos_equals_transformers_token_for_token(tmp_path):
+    hf = hf_vl_media_model()
+    ours = _ours(hf, tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    text = lambda n: torch.randint(2, 90, (n,), generator=gen).tolist()  # noqa: E731
+    video_a, pixels_a = _video(gen, (2, 4, 4))
+    image_ids, image_pixels, image_grids = _prompt(gen, 2, (1, 4, 6))
+    video_b, pixels_b = _video(gen, (3, 2, 4))
+    # a video alone; an image then a video in one prompt; text only
+    prompts = [text(3) + video_a + text(4), image_ids + text(1) + video_b + text(2), text(5)]
+    media = dict(pixel_values=image_pixels, image_grid_thw=torch.tensor(image_grids),
+                 pixel_values_videos=torch.cat([pixels_a, pixels_b]), video_grid_thw=torch.tensor([[2, 4, 4], [3, 2, 4]]))
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    types = mm_token_types(ids, IMAGE, VIDEO)
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, **media, mm_token_type_ids=types, max_new_tokens=NEW,
+                         do_sample=False, eos_token_id=None, pad_token_id=0)[:, width:].tolist()
+    assert ours.generate(ids, attention_mask=mask, **media, mm_token_type_ids=types, max_new_tokens=NEW,
+                         eos_token_id=[]) == theirs
+    assert ours.generate(prompts, **media, max_new_tokens=NEW, eos_token_id=[]) == theirs
+    alone = dict(pixel_values_videos=pixels_a, video_grid_thw=torch.tensor([[2, 4, 4]]))
+    expected = hf.generate(input_ids=torch.tensor([prompts[0]]), **alone, max_new_tokens=NEW, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[:, len(prompts[0]):].tolist()
+    assert ours.generate([prompts[0]], **alone, max_new_tokens=NEW, eos_token_id=[]) == expected == theirs[:1]
+    assert len({tuple(t) for t in theirs}) == 3  # the prompts lead to different outputs

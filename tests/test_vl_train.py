@@ -202,3 +202,56 @@ def test_qwen35_train_on_image_and_text_data_exports_a_checkpoint_transformers_l
         expected = theirs(input_ids=ids, **pixels, mm_token_type_ids=(ids == pad).long()).logits
         got = ours(input_ids=ids, **pixels).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def video_docs(setup, tmp_path_factory):
+    """A video document (a 12-frame noise clip, 6 frames kept) and an image document, encoded
+    with the preset's video processor, and their row builder."""
+    import numpy as np
+
+    from reference import write_video
+    from qwen35.build import load_tokenizer
+    from qwen35.data.processor import load_video_processor
+
+    root = tmp_path_factory.mktemp("video")
+    cfg = load_run_config(None, ["--model.preset", "tiny-vl", "--train.output_dir", str(root / "run")])
+    tokenizer = load_tokenizer(cfg)
+    images, videos = load_image_processor(None, 64 * 64, 128 * 128), load_video_processor(None, 4, 6, 64 * 64, 6 * 64 * 96)
+    write_video(root / "v.mp4", np.random.default_rng(1).integers(0, 256, (12, 64, 96, 3), dtype=np.uint8), fps=4)
+    Image.effect_noise((64, 64), 60).convert("RGB").save(root / "a.png")
+    encoder = MediaEncoder(ChatRenderer(tokenizer), images, video_processor=videos)
+
+    def chat(question, answer, kind, path):
+        parts = [{"type": kind, kind: path}, {"type": "text", "text": question}]
+        return {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]}
+
+    docs = [encoder.encode(chat("What moves?", "the noise", "video", "v.mp4"), "t:1", root / "d.jsonl"),
+            encoder.encode(chat("What is it?", "a square", "image", "a.png"), "t:2", root / "d.jsonl")]
+
+    def row(docs, length=None):
+        return media_row(docs, length or sum(len(d.ids) for d in docs), tokenizer.pad_token_id, images,
+                         encoder.pad_id, videos, encoder.video_pad_id)
+    return docs, row
+
+
+def test_a_packed_row_with_a_video_and_an_image_document_equals_the_documents_one_by_one(setup, video_docs):
+    model = setup[0]
+    docs, row = video_docs
+    packed = collate_media([row(docs, sum(len(d.ids) for d in docs) + 7)])  # padding at the end
+    assert packed["video_grid_thw"].tolist() == [[3, 4, 6]] and packed["image_grid_thw"].shape[0] == 1
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
+        start = 0
+        for doc in docs:
+            alone = collate_media([row([doc])])
+            expected = model(**{k: v for k, v in alone.items() if k != "labels"}).logits[0]
+            torch.testing.assert_close(logits[start:start + len(doc.ids)], expected, rtol=1e-5, atol=1e-5)
+            start += len(doc.ids)
+    # and through the trainer's step: the same loss and gradients, the tower's included
+    loss, grads = _step(model, [packed])
+    loss_one, grads_one = _step(model, [collate_media([row([d])]) for d in docs])
+    torch.testing.assert_close(loss, loss_one, rtol=1e-5, atol=0)
+    assert any(n.startswith("model.visual.blocks.") for n in grads)
+    for name, grad in grads_one.items():
+        assert (grads[name] - grad).norm().item() <= 1e-4 * max(grad.norm().item(), 1e-3), name

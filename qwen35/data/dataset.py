@@ -51,6 +51,10 @@ DATA_DEFAULTS: dict[str, Any] = {
     "media_root": None,
     "image_min_pixels": None,
     "image_max_pixels": None,
+    "video_fps": None,
+    "video_max_frames": None,
+    "video_min_pixels": None,
+    "video_max_pixels": None,
 }
 
 

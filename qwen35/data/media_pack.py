@@ -1,12 +1,12 @@
-"""From the `data` section to packed image-text rows: the vision-language counterpart of
+"""From the `data` section to packed image- and video-text rows: the vision-language counterpart of
 `dataset.build_datasets`.
 
 The same rules as for text where they carry over: every source read with its malformed records
 counted (file and line) or fatal, documents longer than `seq_len` dropped and counted (a
-document is never cut: an image cut in half has no grid), validation held out per source, sources
+document is never cut: an image or video cut in half has no grid), validation held out per source, sources
 mixed by weight (`dataset._mix`), best-fit-decreasing packing (`pack.best_fit_decreasing`). What
 differs: the documents stay in memory as token ids and image paths (no memory-mapped store; the
-pixels are what is large, and they are read per row), and a row carries its images.
+pixels are what is large, and they are read per row), and a row carries its images and videos.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from qwen35.data.render import ChatRenderer
 
 
 class MediaPackedDataset(torch.utils.data.Dataset):
-    """Rows of `seq_len` tokens of whole documents; a row's images are decoded when it is read."""
+    """Rows of `seq_len` tokens of whole documents; a row's images and videos are decoded when it
+    is read."""
 
     def __init__(self, docs: list[MediaDocument], seq_len: int, pad_id: int, image_processor,
-                 image_token_id: int, seed: int = 0):
+                 image_token_id: int, seed: int = 0, video_processor=None, video_token_id: int = -1):
         self.docs, self.seq_len, self.pad_id = docs, seq_len, pad_id
         self.image_processor, self.image_token_id = image_processor, image_token_id
+        self.video_processor, self.video_token_id = video_processor, video_token_id
         lengths = np.array([len(d.ids) for d in docs], dtype=np.int64)
         rows = best_fit_decreasing(lengths, seq_len, seed) if len(docs) else []
         self.rows = [rows[i] for i in np.random.default_rng(seed + 1).permutation(len(rows))]
@@ -40,11 +42,12 @@ class MediaPackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         return media_row([self.docs[i] for i in self.rows[row]], self.seq_len, self.pad_id,
-                         self.image_processor, self.image_token_id)
+                         self.image_processor, self.image_token_id, self.video_processor, self.video_token_id)
 
 
-def build_media_datasets(config: Any, tokenizer, image_processor) -> Datasets:
-    """`config` is the data section; `image_processor` the one `qwen35.data.processor` loads."""
+def build_media_datasets(config: Any, tokenizer, image_processor, video_processor=None) -> Datasets:
+    """`config` is the data section; `image_processor` and `video_processor` the ones
+    `qwen35.data.processor` loads (no video processor: data with videos is refused)."""
     s = _settings(config)
     if s["train_path"] is None:
         raise ValueError("data.train_path is not set")
@@ -52,7 +55,7 @@ def build_media_datasets(config: Any, tokenizer, image_processor) -> Datasets:
         raise ValueError("data.val_path and data.val_fraction are exclusive")
     chat_template = Path(s["chat_template"]).expanduser().read_text() if s["chat_template"] else None
     renderer = ChatRenderer(tokenizer, s["template_kwargs"], chat_template)
-    encoder = MediaEncoder(renderer, image_processor, s["media_root"])
+    encoder = MediaEncoder(renderer, image_processor, s["media_root"], video_processor)
     stats = DataStats(seq_len=s["seq_len"])
     rng = np.random.default_rng(s["seed"])
     train_sources = parse_sources(s["train_path"])
@@ -80,7 +83,8 @@ def build_media_datasets(config: Any, tokenizer, image_processor) -> Datasets:
     image_token_id = encoder.pad_id
 
     def dataset(docs):
-        return MediaPackedDataset(docs, s["seq_len"], pad_id, image_processor, image_token_id, s["seed"])
+        return MediaPackedDataset(docs, s["seq_len"], pad_id, image_processor, image_token_id, s["seed"],
+                                  video_processor, encoder.video_pad_id)
 
     val = None
     if val_docs:

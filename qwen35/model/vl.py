@@ -216,7 +216,7 @@ class Qwen35ForConditionalGeneration(nn.Module):
     save_pretrained = Qwen35ForCausalLM.save_pretrained
 
     def generate(self, input_ids, **kwargs):
-        """Prompts with images (as transformers' processor returns them) -> new tokens: see
+        """Prompts with images and videos (as transformers' processor returns them) -> new tokens: see
         `qwen35.generate.generate_with_media`."""
         from qwen35.generate import generate_with_media
 

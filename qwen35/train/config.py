@@ -88,14 +88,26 @@ class DataConfig:
         {}, "Extra chat-template variables, e.g. {enable_thinking: false}")
     seed: int = option(42, "Seed for shuffling and the validation split")
     media_root: str | None = option(
-        None, "Vision-language data: the directory image paths are relative to; null: each data "
-        "file's own directory", path=True)
+        None, "Vision-language data: the directory image and video paths are relative to; null: each "
+        "data file's own directory", path=True)
     image_min_pixels: int | None = option(
         None, "Vision-language: the image processor's lower pixel budget (an image is resized up "
         "to at least this many pixels); null: the model directory's preprocessor_config.json")
     image_max_pixels: int | None = option(
         None, "Vision-language: the image processor's upper pixel budget; null: the model "
         "directory's preprocessor_config.json")
+    video_fps: float | None = option(
+        None, "Vision-language: frames kept per second of video; null: the model directory's "
+        "video_preprocessor_config.json (Qwen3.5: 2)")
+    video_max_frames: int | None = option(
+        None, "Vision-language: at most this many frames of a video; null: the video processor's "
+        "max_frames (Qwen3.5: 768)")
+    video_min_pixels: int | None = option(
+        None, "Vision-language: the video processor's lower pixel budget over all kept frames of a "
+        "clip; null: video_preprocessor_config.json")
+    video_max_pixels: int | None = option(
+        None, "Vision-language: the video processor's upper pixel budget over all kept frames of a "
+        "clip; null: video_preprocessor_config.json")
 
 
 @dataclass

@@ -24,7 +24,8 @@ from qwen35.train import checkpoint as ckpt
 from qwen35.train import guards, rundir
 from qwen35.train.config import ParallelConfig, RunConfig
 from qwen35.train.config_parser import load_run_config
-from qwen35.train.setup import Runtime, export_model, run_image_processor, use_run_chat_template
+from qwen35.train.setup import (Runtime, export_model, run_image_processor, run_video_processor,
+                                use_run_chat_template)
 
 
 def export_checkpoint(checkpoint: Path, output: Path, overwrite: bool = False, say=print) -> Path:
@@ -46,9 +47,10 @@ def export_checkpoint(checkpoint: Path, output: Path, overwrite: bool = False, s
     ckpt.load_model_weights(path, model)
     if not guards.weights_are_finite(model, rt.device):
         raise UserError(f"checkpoint {path} holds non-finite weights; export an earlier one")
-    image_processor = run_image_processor(cfg) if is_vision_language(cfg) else None
+    vision = is_vision_language(cfg)
+    image_processor, video_processor = (run_image_processor(cfg), run_video_processor(cfg)) if vision else (None, None)
     with ckpt.atomic_directory(output) as partial:
-        export_model(model, tokenizer, partial, rt, image_processor, cfg.model.path)
+        export_model(model, tokenizer, partial, rt, image_processor, cfg.model.path, video_processor)
     say(f"exported {path} to {output}" + (" (a PEFT adapter)" if cfg.lora.rank else ""))
     return path
 

@@ -23,7 +23,7 @@ from qwen35.data.loader import PackedLoader
 from qwen35.data.media import collate_media
 from qwen35.data.media_pack import build_media_datasets
 from qwen35.data.pack import collate
-from qwen35.data.processor import load_image_processor, save_processor
+from qwen35.data.processor import load_image_processor, load_video_processor, save_processor
 from qwen35 import ops
 from qwen35.lora import save_adapter
 from qwen35.parallel.sequence import parallel_mesh
@@ -107,7 +107,7 @@ class Runtime:
 
 
 def export_model(model, tokenizer, directory: Path, rt: Runtime, image_processor=None,
-                 model_path: str | None = None) -> None:
+                 model_path: str | None = None, video_processor=None) -> None:
     """HF format: safetensors (stored dtypes), config.json, tokenizer files and chat template,
     and for a vision-language model its processor files; with LoRA, the adapter in PEFT's format
     instead of the weights (`qwen35 merge` folds it in).
@@ -121,7 +121,7 @@ def export_model(model, tokenizer, directory: Path, rt: Runtime, image_processor
     if rt.is_main:
         tokenizer.save_pretrained(directory)
         if image_processor is not None:
-            save_processor(image_processor, tokenizer, directory, model_path)
+            save_processor(image_processor, tokenizer, directory, model_path, video_processor)
 
 
 def use_run_chat_template(cfg: RunConfig, tokenizer) -> None:
@@ -137,6 +137,7 @@ class RunData:
     train_rows: int
     val_batches: list[dict]  # this rank's share of the validation rows
     image_processor: object | None = None  # vision-language runs: transformers' image processor
+    video_processor: object | None = None  # and its video processor (None: the model directory has none)
 
 
 def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime, vision_language: bool = False) -> RunData:
@@ -145,11 +146,11 @@ def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime, vision_language: bool =
     data_cfg = cfg.data
     if data_cfg.cache_dir is None:  # the stores live with the run: a resumed run maps them at once
         data_cfg = replace(data_cfg, cache_dir=str(Path(cfg.train.output_dir) / "data_cache"))
-    image_processor, collate_fn, workers = None, collate, 0
+    image_processor, video_processor, collate_fn, workers = None, None, collate, 0
     if vision_language:
-        image_processor = run_image_processor(cfg)
-        datasets = build_media_datasets(data_cfg, tokenizer, image_processor)
-        collate_fn, workers = collate_media, data_cfg.num_workers  # images are decoded in the workers
+        image_processor, video_processor = run_image_processor(cfg), run_video_processor(cfg)
+        datasets = build_media_datasets(data_cfg, tokenizer, image_processor, video_processor)
+        collate_fn, workers = collate_media, data_cfg.num_workers  # media are decoded in the workers
     else:
         datasets = build_datasets(data_cfg, tokenizer, progress=rt.is_main)
     use_run_chat_template(cfg, tokenizer)
@@ -161,7 +162,7 @@ def prepare_data(cfg: RunConfig, tokenizer, rt: Runtime, vision_language: bool =
         val = PackedLoader(datasets.val, cfg.train.micro_batch_size, rank=rt.dp_rank, world_size=rt.dp_size,
                            shuffle=False, collate_fn=collate_fn)
         val_batches = list(itertools.islice(val, val.batches_per_epoch))
-    return RunData(loader, len(datasets.train), val_batches, image_processor)
+    return RunData(loader, len(datasets.train), val_batches, image_processor, video_processor)
 
 
 def run_image_processor(cfg: RunConfig):
@@ -169,6 +170,13 @@ def run_image_processor(cfg: RunConfig):
     Qwen3.5's settings for a preset) with the run's pixel budget. The trainer reads its images
     with it and its exports carry it, `qwen35 export` included."""
     return load_image_processor(cfg.model.path, cfg.data.image_min_pixels, cfg.data.image_max_pixels)
+
+
+def run_video_processor(cfg: RunConfig):
+    """transformers' video processor of a vision-language run, as `run_image_processor`, with the
+    run's frame rate, frame cap and pixel budget (None for a model directory without one)."""
+    d = cfg.data
+    return load_video_processor(cfg.model.path, d.video_fps, d.video_max_frames, d.video_min_pixels, d.video_max_pixels)
 
 
 def _base_model_path(model) -> str | None:

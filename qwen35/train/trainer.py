@@ -136,7 +136,7 @@ def train(cfg: RunConfig) -> TrainResult:
     def export(directory: Path) -> None:
         refuse_nonfinite_weights("exported")
         with ckpt.atomic_directory(directory) as partial:
-            export_model(model, tokenizer, partial, rt, data.image_processor, cfg.model.path)
+            export_model(model, tokenizer, partial, rt, data.image_processor, cfg.model.path, data.video_processor)
 
     with guards.StopSignal() as stop:
         while step < total_steps:

@@ -133,19 +133,27 @@ def test_export_refusals_name_the_checkpoint_and_need_overwrite_for_an_existing_
 
 
 def test_a_vision_language_checkpoint_exports_with_its_processor_files_as_final(tmp_path):
-    """The tiny-vl preset, two steps on image and text records: the export of its last checkpoint
-    equals the trainer's own `final/` file for file, the image processor's settings included."""
+    """The tiny-vl preset, two steps on image, video and text records: the export of its last
+    checkpoint equals the trainer's own `final/` file for file, the image and video processors'
+    settings included."""
+    import numpy as np
     from PIL import Image
 
+    from reference import write_video
+
     Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "red.png")
+    write_video(tmp_path / "blue.mp4", np.full((8, 64, 64, 3), (0, 0, 255), dtype=np.uint8), fps=4)
     records = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "red.png"},
                                                           {"type": "text", "text": "Colour?"}]},
                              {"role": "assistant", "content": "red"}]},
+               {"conversations": [{"from": "human", "value": "<video>Colour?"}, {"from": "gpt", "value": "blue"}],
+                "videos": ["blue.mp4"]},
                {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]}] * 2
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     result = train(load_run_config(None, [
-        "--model.preset", "tiny-vl", "--data.train_path", str(tmp_path / "d.jsonl"), "--data.seq_len", "96",
-        "--data.image_min_pixels", "4096", "--data.image_max_pixels", "8192", "--train.max_steps", "2",
+        "--model.preset", "tiny-vl", "--data.train_path", str(tmp_path / "d.jsonl"), "--data.seq_len", "128",
+        "--data.image_min_pixels", "4096", "--data.image_max_pixels", "8192", "--data.video_fps", "1",
+        "--data.video_max_pixels", "16384", "--train.max_steps", "2",
         "--train.save_steps", "2", "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
         "--train.output_dir", str(tmp_path / "run"), "--log.tensorboard", "false"]))
     export("--checkpoint", result.output_dir, "--output", tmp_path / "exported")
@@ -160,3 +168,5 @@ def test_a_vision_language_checkpoint_exports_with_its_processor_files_as_final(
             assert (exported / name).read_bytes() == (final / name).read_bytes(), name
     # the run's pixel budget, not the processor's default, travels with the export
     assert json.loads((exported / "preprocessor_config.json").read_text())["size"]["longest_edge"] == 8192
+    video = json.loads((exported / "video_preprocessor_config.json").read_text())
+    assert video["fps"] == 1 and video["size"]["longest_edge"] == 16384
