@@ -89,9 +89,12 @@ def generate(
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new_tokens, logprobs = [], []
     for _ in range(max_new_tokens):
-        token, logp = sample_with_logprobs(logits, do_sample, temperature, top_k, top_p, generator)
+        if do_sample or return_logprobs:
+            token, logp = sample_with_logprobs(logits, do_sample, temperature, top_k, top_p, generator)
+            logprobs.append(logp)
+        else:  # greedy without log-probs: no pass over the vocabulary beyond the argmax
+            token = logits.argmax(-1)
         new_tokens.append(torch.where(finished, -1, token))
-        logprobs.append(logp)
         finished |= torch.isin(token, eos)
         if bool(finished.all()):
             break
