@@ -95,7 +95,7 @@ from qwen35.lora import LoraSettings, apply_lora, quantize_linear_layers  # noqa
 from qwen35.parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
 from qwen35.parallel.compile import compile_layers  # noqa: E402
 from qwen35.train.config import LoraConfig  # noqa: E402
-from qwen35.train.flops import PEAK_BF16_FLOPS, step_flops  # noqa: E402
+from qwen35.train.flops import PEAK_BF16_FLOPS, attention_flops, step_flops  # noqa: E402
 from qwen35.train.optim import OffloadedAdamW, build_optimizer  # noqa: E402
 
 # --ours precisions that the trainer's optimizer options build: name -> (optim.name, optim.weights)
@@ -340,10 +340,24 @@ def run_ours(config, name, variant, lengths, steps, warmup, device, media: VLWor
             _memory_profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs")
         seconds = _timed_steps(step, steps, warmup, device)
         _fill(result, seconds, media.flops() if media is not None else step_flops(config, lengths), device)
+        if media is None and max(lengths) >= LONG_CONTEXT:
+            print(attention_floor(config, lengths, ac, seconds), flush=True)
         if (BREAKDOWN or PROFILE) and device.type == "cuda":
             result.breakdown = _profile(step, f"ours {variant} {name} {sum(lengths)}x{len(lengths)} docs", device)
 
     return _guarded(result, run)
+
+
+LONG_CONTEXT = 131072  # rows with a document this long also print the attention floor
+
+
+def attention_floor(config, lengths, ac: str, seconds: float) -> str:
+    """The time the causal attention alone needs at the bf16 peak, beside the measured step."""
+    flops = attention_flops(config, lengths, recompute=ac in ("full", "offload"))
+    return (f"[floor] {sum(lengths):,} tokens in {len(lengths)} document(s), {ac} checkpointing: the causal "
+            f"attention alone is {flops:.3g} FLOP (forward, backward{', recompute' if ac in ('full', 'offload') else ''}), "
+            f"{flops / PEAK_BF16_FLOPS:.0f} s at the {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 peak; measured step "
+            f"{seconds:.0f} s ({flops / seconds / 1e12:.0f} TFLOP/s of attention alone)")
 
 
 def _fill(result: Result, seconds: float, flops: float, device) -> None:

@@ -50,9 +50,17 @@ def step_flops(config: Qwen35Config, lengths: list[int]) -> float:
     n_gdn = config.layer_types.count("linear_attention")
     dk, dv, hv = config.linear_key_head_dim, config.linear_value_head_dim, config.linear_num_value_heads
     dense = 6 * active_parameters(config) * tokens + 6 * config.vocab_size * config.hidden_size * tokens
-    attention = n_attn * 6 * config.num_attention_heads * config.head_dim * sum(n * (n + 1) for n in lengths)
     gdn = n_gdn * 3 * tokens * hv * (6 * dk * dv + 2 * GDN_CHUNK * (3 * dk + 2 * dv))
-    return float(dense + attention + gdn)
+    return float(dense + attention_flops(config, lengths) + gdn)
+
+
+def attention_flops(config: Qwen35Config, lengths: list[int], recompute: bool = False) -> float:
+    """The causal softmax attention's share of `step_flops`: 2 H_q D L (L + 1) per document and
+    layer forward, twice that backward, and one forward more when checkpointing recomputes it.
+    At long context it is nearly the whole step: the floor no kernel schedule gets under."""
+    forward = config.layer_types.count("full_attention") * 2 * config.num_attention_heads * config.head_dim * sum(
+        n * (n + 1) for n in lengths)
+    return float(forward * (4 if recompute else 3))
 
 
 def flops_per_token(config: Qwen35Config, seq_len: int) -> float:

@@ -202,13 +202,15 @@ def test_gated_rms_norm_matches_reference(fast_backend):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("packed", [True, False])
-def test_causal_attention_matches_reference_with_grouped_kv_and_head_dim_256(fast_backend, packed, causal):
-    """causal=False is the vision tower's attention (all patches of a frame see each other)."""
+@pytest.mark.parametrize("row", ["documents", "one document", "batch"])
+def test_causal_attention_matches_reference_with_grouped_kv_and_head_dim_256(fast_backend, row, causal):
+    """causal=False is the vision tower's attention (all patches of a frame see each other). A
+    row of several documents runs the flash kernel; one document or a plain batch runs cuDNN's
+    fused attention on Hopper."""
     from qwen35.ops import fast
 
-    batch, length = (1, sum(DOCS)) if packed else (2, 150)
-    cu = cu_seqlens(DOCS) if packed else None
+    batch, length = {"documents": (1, sum(DOCS)), "one document": (1, 333), "batch": (2, 150)}[row]
+    cu = {"documents": cu_seqlens(DOCS), "one document": cu_seqlens((333,)), "batch": None}[row]
     q = torch.randn(batch, length, 8, 256, device="cuda")
     k, v = torch.randn(2, batch, length, 2, 256, device="cuda").unbind(0)
     (qf, kf, vf), (qr, kr, vr) = leaves(q, k, v)
@@ -218,6 +220,19 @@ def test_causal_attention_matches_reference_with_grouped_kv_and_head_dim_256(fas
     do = torch.randn_like(orf)
     gf, gr = grads((of,), (do,), (qf, kf, vf)), grads((orf,), (do,), (qr, kr, vr))
     assert_all_close({"o": (of, orf), "dq": (gf[0], gr[0]), "dk": (gf[1], gr[1]), "dv": (gf[2], gr[2])})
+
+
+def test_whole_row_attention_split_by_kv_head_equals_the_unsplit_call(fast_backend, monkeypatch):
+    """A row too large for one cuDNN call (2^31 elements of q) runs one kv head group at a time;
+    the split is exercised here at a small size."""
+    from qwen35.ops import fast
+
+    q = torch.randn(1, 200, 8, 256, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(2, 1, 200, 2, 256, device="cuda", dtype=torch.bfloat16).unbind(0)
+    cu = cu_seqlens((200,))
+    whole = fast.causal_attention(q, k, v, cu)
+    monkeypatch.setattr(fast, "_CUDNN_SPLIT_ELEMENTS", q.numel())
+    torch.testing.assert_close(fast.causal_attention(q, k, v, cu), whole, rtol=0, atol=0)
 
 
 def test_attention_to_keys_matches_reference_with_fewer_queries_than_keys(fast_backend):
@@ -300,8 +315,10 @@ def test_fused_linear_cross_entropy_makes_no_weight_gradient_when_gradients_are_
     with (torch.no_grad() if mode == "no_grad" else torch.inference_mode()), torch.autocast("cuda", dtype=torch.bfloat16):
         evaluated = fast.linear_cross_entropy(hidden, weight, targets, chunk_tokens=256)
     extra = torch.cuda.max_memory_allocated() - before
-    logits_chunk = 256 * vocab * 2
-    assert extra < logits_chunk + vocab * dim * 4 // 2, f"{extra / 2**20:.1f} MiB allocated"
+    # allowed: one chunk of bf16 logits and autocast's bf16 copy of the weight (32 MiB each),
+    # plus slack; a float32 weight gradient would add 64 MiB more
+    logits_chunk, bf16_weight = 256 * vocab * 2, vocab * dim * 2
+    assert extra < logits_chunk + bf16_weight + 2**24, f"{extra / 2**20:.1f} MiB allocated"
     assert not evaluated.requires_grad
     assert rel_err(evaluated, trained) <= 1e-6
 

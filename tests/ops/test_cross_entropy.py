@@ -17,3 +17,13 @@ def test_chunked_loss_equals_plain_cross_entropy_in_value_and_gradient():
     assert torch.allclose(ours, plain, rtol=1e-6)
     for a, b in zip(grads, expected):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_no_target_at_all_gives_a_zero_loss_that_backward_still_reaches():
+    """A micro-batch of prompt tokens only: every data-parallel rank must still run a backward."""
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((10,), -100))
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    loss.backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))

@@ -15,10 +15,12 @@ def _inputs(length, batch=2, key_heads=2, value_heads=4, dim=8, seed=0):
     return q, k, v, g, beta
 
 
+@pytest.mark.parametrize("from_zero", [False, True])
 @pytest.mark.parametrize("length", [1, 17, 64, 100, 129])
-def test_chunked_equals_recurrent(length):
+def test_chunked_equals_recurrent(length, from_zero):
+    """From a zero state the first chunk skips the part that multiplies the state."""
     q, k, v, g, beta = _inputs(length)
-    state0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    state0 = None if from_zero else torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9))
     o_chunk, s_chunk = chunked_gated_delta_rule(q, k, v, g, beta, state0, chunk_size=16)
     o_rec, s_rec = recurrent_gated_delta_rule(q, k, v, g, beta, state0)
     assert (o_chunk - o_rec).abs().max().item() <= 1e-5
@@ -35,14 +37,22 @@ def test_chunked_gradients_equal_recurrent():
         assert (a - b).abs().max().item() <= 1e-5
 
 
-def test_packed_documents_do_not_share_state():
-    q, k, v, g, beta = _inputs(90, batch=1)
-    cu_seqlens = torch.tensor([0, 30, 31, 90], dtype=torch.int32)
-    packed, states = gated_delta_rule(q, k, v, g, beta, cu_seqlens, output_final_state=True)
-    for i, (s, e) in enumerate([(0, 30), (30, 31), (31, 90)]):
-        alone, state = recurrent_gated_delta_rule(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e])
+@pytest.mark.parametrize("lengths", [(30, 1, 59), (70, 3)])
+def test_packed_documents_do_not_share_state(lengths):
+    """Documents within one chunk (from a zero state: one solve), and one over two chunks."""
+    inputs = [x.requires_grad_() for x in _inputs(sum(lengths), batch=1)]
+    bounds = torch.tensor([0, *lengths]).cumsum(0)
+    packed, states = gated_delta_rule(*inputs, bounds.to(torch.int32), output_final_state=True)
+    weights = torch.randn(packed.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((packed * weights).sum() + states.sum(), inputs)
+    alone_loss = 0
+    for i, (s, e) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        alone, state = recurrent_gated_delta_rule(*(x[:, s:e] for x in inputs))
         assert (packed[:, s:e] - alone).abs().max().item() <= 1e-5
         assert (states[i] - state[0]).abs().max().item() <= 1e-5
+        alone_loss = alone_loss + (alone * weights[:, s:e]).sum() + state.sum()
+    for a, b in zip(grads, torch.autograd.grad(alone_loss, inputs)):
+        assert (a - b).abs().max().item() <= 1e-5
 
 
 def test_continuing_from_a_state_equals_one_pass():
