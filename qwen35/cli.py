@@ -261,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="loss and perplexity on a data file (assistant tokens); "
                                    "on the built-in task's files also exact match")
     evaluate.add_argument("--model", required=True, help="model directory: a full export or a LoRA adapter")
-    evaluate.add_argument("--data", help="any data file the trainer reads (default: the built-in task's "
-                          "held-out set beside the model)")
+    evaluate.add_argument("--data", help="any data file the trainer reads (default: the held-out file of "
+                          "the run that wrote the model, its data.val_path, or the built-in task's beside it)")
     evaluate.add_argument("--limit", type=int, default=None, help="exact match on the first N problems only")
     evaluate.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
     evaluate.set_defaults(run=_eval)

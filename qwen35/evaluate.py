@@ -22,7 +22,9 @@ from qwen35.errors import UserError
 from qwen35.lora.peft_format import ADAPTER_CONFIG, load_adapter
 from qwen35.model import Qwen35ForCausalLM
 from qwen35.train.config import DataConfig
+from qwen35.train import rundir
 from qwen35.train.builtin import task_accuracy
+from qwen35.train.config_parser import load_run_config
 from qwen35.train.setup import Runtime
 from qwen35.train.trainer import loss_totals
 
@@ -82,13 +84,25 @@ def evaluate(model, tokenizer, data: str | Path, seq_len: int = 2048, limit: int
     return EvalResult(loss, math.exp(min(loss, 700.0)), tokens, exact)
 
 
+def held_out_file(model_dir: Path) -> Path:
+    """Without `--data`: the held-out file of the run that wrote `model_dir` (`OUT/final`), its
+    `data.val_path` resolved where that run started (a LoRA run on the built-in task reads the
+    SFT run's files); else the built-in task's beside the model."""
+    out_dir = model_dir.parent
+    if (out_dir / "run_config.yaml").is_file():
+        val_path = load_run_config(out_dir / "run_config.yaml", []).data.val_path
+        if val_path:
+            return rundir.working_dir(out_dir) / val_path
+    return out_dir / "builtin" / "task" / "val.jsonl"
+
+
 def run_eval(model_dir: str, data: str | None, limit: int | None, seq_len: int) -> EvalResult:
-    """`qwen35 eval`; without `--data`, the built-in task's held-out set beside the model."""
+    """`qwen35 eval`; without `--data`, the held-out file of the model's run (`held_out_file`)."""
     from transformers import AutoTokenizer
 
     model = load_trained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    path = Path(data) if data else Path(model_dir).parent / "builtin" / "task" / "val.jsonl"
+    path = Path(data) if data else held_out_file(Path(model_dir))
     if not path.is_file():
         raise UserError(f"no data file at {path}; pass --data PATH (any file the trainer reads)")
     result = evaluate(model, tokenizer, path, seq_len, limit)

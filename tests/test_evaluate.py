@@ -83,3 +83,25 @@ def test_an_adapter_export_records_its_base_absolutely_and_evaluates_from_any_di
     plain = evaluate(load_trained(base).eval(), AutoTokenizer.from_pretrained(base), files.val, limit=2)
     assert f"loss {adapted.loss:.4f}" in run.stdout and "exact-match accuracy" in run.stdout
     assert abs(adapted.loss - plain.loss) > 1e-3  # the adapter was applied
+
+
+def test_without_data_the_model_is_scored_on_its_runs_held_out_file_from_any_directory(tmp_path, monkeypatch):
+    """A LoRA run on the built-in task keeps its data in the SFT run's directory: `qwen35 eval
+    --model OUT/final` reads it through the run's recorded config, relative paths and all."""
+    from qwen35.train import rundir
+
+    base = tiny_model_dir(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    files = build_task("sft/builtin/task", n_train=8, n_val=4)
+    out_dir = tmp_path / "lora"
+    (out_dir / "final").mkdir(parents=True)
+    (out_dir / "run_config.yaml").write_text(f"data:\n  val_path: {files.val}\n")  # relative, as recorded
+    (out_dir / rundir.RUN_FILE).write_text(json.dumps({"working_dir": str(tmp_path)}))
+    for name in os.listdir(base):
+        os.link(base / name, out_dir / "final" / name)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = subprocess.run([sys.executable, "-m", "qwen35", "eval", "--model", str(out_dir / "final"), "--limit", "2"],
+                         capture_output=True, text=True, cwd=elsewhere, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"exact-match accuracy on {tmp_path / files.val}" in run.stdout

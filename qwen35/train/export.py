@@ -12,7 +12,6 @@ processor, built as the trainer builds it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def _run_config(path: Path) -> RunConfig:
         raise UserError(f"checkpoint {path}: no run_config.yaml in {out_dir}; a checkpoint is exported from "
                         "its run's output directory (OUT/checkpoints/step_NNNNNNNN)")
     cfg = load_run_config(saved, [])
-    base = _working_dir(out_dir)
+    base = rundir.working_dir(out_dir)
 
     def resolved(value: str | None) -> str | None:
         return None if value is None else str(base / value)  # an absolute value stays as it is
@@ -77,11 +76,3 @@ def _run_config(path: Path) -> RunConfig:
         optim=replace(cfg.optim, cpu_offload=False),
         parallel=ParallelConfig(),
     )
-
-
-def _working_dir(out_dir: Path) -> Path:
-    try:
-        recorded = json.loads((out_dir / rundir.RUN_FILE).read_text()).get("working_dir")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    return Path(recorded) if recorded else Path.cwd()

@@ -86,6 +86,16 @@ def claim(out_dir: Path, plan: RunPlan) -> None:
         (out_dir / RUN_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
 
+def working_dir(out_dir: Path) -> Path:
+    """Where the run of `out_dir` started (recorded in its run file), against which its config's
+    relative paths resolve; this process's working directory where nothing is recorded."""
+    try:
+        recorded = json.loads((out_dir / RUN_FILE).read_text()).get("working_dir")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return Path(recorded) if recorded else Path.cwd()
+
+
 def run_owner(out_dir: Path) -> str | None:
     path = out_dir / RUN_FILE
     if not path.is_file():

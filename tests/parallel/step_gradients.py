@@ -27,3 +27,5 @@ result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.tr
 grads = {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for name, p in model.named_parameters()}
 if rt.is_main:
     torch.save({"loss": result.loss, "aux": result.router["aux_loss"], "grads": grads}, out)
+if torch.distributed.is_initialized():  # not left to the interpreter's exit, where gloo's threads can abort it
+    torch.distributed.destroy_process_group()

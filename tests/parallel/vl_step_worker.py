@@ -45,3 +45,5 @@ result = forward_backward(model, mine, _global_count, None, 0.0, rt.world_size)
 grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()}
 if rt.is_main:
     torch.save({"loss": result.loss, "grads": grads}, out)
+if torch.distributed.is_initialized():  # not left to the interpreter's exit, where gloo's threads can abort it
+    torch.distributed.destroy_process_group()

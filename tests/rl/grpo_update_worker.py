@@ -46,3 +46,5 @@ after = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() 
 trainable = sorted(n for n, p in policy.named_parameters() if p.requires_grad)
 if rt.is_main:
     torch.save({"metrics": metrics, "delta": {k: after[k] - before[k] for k in after}, "trainable": trainable}, out)
+if torch.distributed.is_initialized():  # not left to the interpreter's exit, where gloo's threads can abort it
+    torch.distributed.destroy_process_group()
