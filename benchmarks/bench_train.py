@@ -353,9 +353,10 @@ LONG_CONTEXT = 131072  # rows with a document this long also print the attention
 
 def attention_floor(config, lengths, ac: str, seconds: float) -> str:
     """The time the causal attention alone needs at the bf16 peak, beside the measured step."""
-    flops = attention_flops(config, lengths, recompute=ac in ("full", "offload"))
+    recompute = ac in ("full", "offload")
+    flops = attention_flops(config, lengths, recompute=recompute)
     return (f"[floor] {sum(lengths):,} tokens in {len(lengths)} document(s), {ac} checkpointing: the causal "
-            f"attention alone is {flops:.3g} FLOP (forward, backward{', recompute' if ac in ('full', 'offload') else ''}), "
+            f"attention alone is {flops:.3g} FLOP (forward, backward{', recompute' if recompute else ''}), "
             f"{flops / PEAK_BF16_FLOPS:.0f} s at the {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 peak; measured step "
             f"{seconds:.0f} s ({flops / seconds / 1e12:.0f} TFLOP/s of attention alone)")
 

@@ -46,7 +46,6 @@ def active_parameters(config: Qwen35Config) -> int:
 
 def step_flops(config: Qwen35Config, lengths: list[int]) -> float:
     tokens = sum(lengths)
-    n_attn = config.layer_types.count("full_attention")
     n_gdn = config.layer_types.count("linear_attention")
     dk, dv, hv = config.linear_key_head_dim, config.linear_value_head_dim, config.linear_num_value_heads
     dense = 6 * active_parameters(config) * tokens + 6 * config.vocab_size * config.hidden_size * tokens
