@@ -59,7 +59,8 @@ def test_every_module_imports_on_its_own():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     modules, imported = int(lines["modules"]), int(lines["imported"])
-    assert modules > 35 and imported >= modules - 2  # at most ops.fast (fla) and one more GPU-only module skipped
+    # at most the GPU-only modules skipped: ops.fast (fla), ops.fast_qla (flash_qla), ops.fast_conv (triton)
+    assert modules > 35 and imported >= modules - 3
     assert lines["failed"] == "[]", proc.stderr[-3000:]
 
 

@@ -10,11 +10,14 @@
   recurrent state once (the largest memory traffic of a decode step at a few hundred sequences).
   The launch names fla 0.6.0's kernel arguments; a release whose kernel differs takes fla's
   function and a copy instead.
-- causal conv1d + SiLU: fla's triton `causal_conv1d` (channels last, varlen). fla keeps the
-  conv state as the last K inputs `[N, C, K]`; ours is the last K-1 `[N, C, K-1]`, so the state
-  is padded on the way in and trimmed on the way out (fla never reads its oldest column). A
-  decoding step (`causal_conv1d_step_`) is one small Triton kernel of ours: the window's sum, the
-  SiLU and the window's shift in place (a step used to be a cat, a conv and two copies per layer).
+- causal conv1d + SiLU: our Triton kernels (`qwen35.ops.fast_conv`): a `triton_op` that
+  torch.compile traces into the layer's graph, forward and backward one kernel each over the
+  packed row (fla's conv, 0.54 ms a 0.8B layer forward and backward, ran as a graph break with
+  its own Python launch path). With conv states (a prefill into a cache) fla's triton
+  `causal_conv1d`: fla keeps the state as the last K inputs `[N, C, K]`, ours is the last K-1
+  `[N, C, K-1]`, so the state is padded on the way in and trimmed on the way out (fla never
+  reads its oldest column). A decoding step (`causal_conv1d_step_`) is one small Triton kernel of
+  ours: the window's sum, the SiLU and the window's shift in place.
 - gated RMSNorm: fla's fused `rms_norm_gated` (`w * norm(x) * silu(z)`, one pass, eps passed).
 - causal softmax attention: `torch.nn.attention.varlen.varlen_attn` (flash attention on packed
   `[T, H, D]`), causal through `window_size=(-1, 0)`; kv heads are repeated where this torch has
@@ -41,7 +44,13 @@ Inputs on the CPU, or in a dtype flash attention lacks, go to the reference op.
 torch.compile: the ops that read the document lengths on the host are `torch.compiler.disable`d,
 so a compiled decoder layer calls them as opaque functions: traced, the host view's cache and
 fla's `prepare_chunk_indices` would become part of the graphs and their guards (autocast state
-among them).
+among them). The gated RMSNorm and the delta rule's q/k L2 norm are elementwise: traced
+(`torch.compiler.is_compiling()`), they run as their torch references inside the layer's graph,
+where inductor fuses them with their neighbours, instead of as fla's kernels behind graph breaks.
+With the conv a traced op too, a GDN layer compiles as two graphs around the delta rule instead
+of five around fla's conv, delta rule and norm; each fla call dropped was a Python launch path
+that the host ran in forward and backward (the compiled 8k step is host-bound,
+docs/benchmarks.md). Called eagerly, the norms take fla's kernels, which beat eager torch.
 """
 
 from __future__ import annotations
@@ -51,7 +60,6 @@ import inspect
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 from fla.modules.causal_conv1d import causal_conv1d as _fla_causal_conv1d
 from fla.modules.norm.fused_norm_gate import rms_norm_gated as _fla_rms_norm_gated
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk_gated_delta_rule
@@ -68,6 +76,8 @@ from qwen35.ops import moe as _moe
 from qwen35.ops import norm as _norm
 from qwen35.ops.autocast import compute_dtype
 from qwen35.ops.cross_entropy import IGNORE_INDEX
+from qwen35.ops.fast_conv import causal_conv1d_silu, conv_step_kernel
+from qwen35.ops.segments import positions_in_documents
 
 try:
     from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
@@ -126,33 +136,42 @@ def _on_gpu(*tensors) -> bool:
 # --- gated delta rule -----------------------------------------------------------------------
 
 
-@torch.compiler.disable
 def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False):
-    """fla's chunked kernel; see `qwen35.ops.delta_rule.gated_delta_rule` for the contract."""
+    """fla's chunked kernel; see `qwen35.ops.delta_rule.gated_delta_rule` for the contract.
+    Traced by torch.compile, q and k are L2-normalised in the graph (see the module docstring)."""
     if not _on_gpu(q, k, v):
         return _delta_rule.gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state)
+    if torch.compiler.is_compiling():
+        q, k = (_delta_rule.l2_normalize(x.float()).to(x.dtype) for x in (q, k))
+        return _delta_rule_through_fla(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, normalized=True)
+    return _delta_rule_through_fla(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, normalized=False)
+
+
+@torch.compiler.disable
+def _delta_rule_through_fla(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, normalized: bool):
+    """fla's kernels; they L2-normalise q and k themselves unless `normalized`."""
     batch, length = v.shape[:2]
     if cu_seqlens is None and length == 1:
-        return _recurrent_step(q, k, v, g, beta, initial_state, output_final_state)
+        return _recurrent_step(q, k, v, g, beta, initial_state, output_final_state, normalize=not normalized)
     (q, k, v, g, beta), cu, cu_cpu = _as_packed(cu_seqlens, q, k, v, g, beta)
     o, state = _fla_chunk_gated_delta_rule(
         q, k, v, g.float(), beta,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=True,
+        use_qk_l2norm_in_kernel=not normalized,
         cu_seqlens=cu,
         cu_seqlens_cpu=cu_cpu,
     )
     return o.view(batch, length, *o.shape[2:]), (state if output_final_state else None)
 
 
-def _recurrent_step(q, k, v, g, beta, initial_state, output_final_state):
+def _recurrent_step(q, k, v, g, beta, initial_state, output_final_state, normalize=True):
     """One token per sequence through fla's fused recurrent kernel (graph-capturable)."""
     o, state = _fla_recurrent_gated_delta_rule(  # by keyword: later fla releases add arguments before beta
         q=q, k=k, v=v, g=g.float(), beta=beta,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=True,
+        use_qk_l2norm_in_kernel=normalize,
     )
     return o, (state if output_final_state else None)
 
@@ -198,9 +217,23 @@ def gated_delta_rule_step_(q, k, v, g, beta, state):
 # --- causal conv1d --------------------------------------------------------------------------
 
 
-@torch.compiler.disable
 def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_state=False):
-    """fla's triton conv with SiLU; see `qwen35.ops.conv.causal_conv1d` for the contract."""
+    """Without states (training): our Triton op, `qwen35.ops.fast_conv`, which torch.compile
+    traces into the layer's graph. With states (prefill into a cache): fla's triton conv. See
+    `qwen35.ops.conv.causal_conv1d` for the contract."""
+    if not _on_gpu(x) or initial_state is not None or output_final_state:
+        return _conv_through_fla(x, weight, cu_seqlens, initial_state, output_final_state)
+    batch, length, channels = x.shape
+    if cu_seqlens is None:
+        positions = torch.arange(length, device=x.device, dtype=torch.int32).repeat(batch)
+    else:
+        positions = positions_in_documents(cu_seqlens, length).to(torch.int32)
+    y = causal_conv1d_silu(x.reshape(batch * length, channels).contiguous(), weight.contiguous(), positions)
+    return y.view(batch, length, channels), None
+
+
+@torch.compiler.disable
+def _conv_through_fla(x, weight, cu_seqlens, initial_state, output_final_state):
     if not _on_gpu(x) or (cu_seqlens is None and x.shape[1] == 1):
         return _conv.causal_conv1d(x, weight, cu_seqlens, initial_state, output_final_state)
     fla_state = None if initial_state is None else F.pad(initial_state.to(x.dtype), (1, 0)).contiguous()
@@ -228,39 +261,18 @@ def causal_conv1d_step_(x, weight, state):
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
     block = 256
-    _conv_step_kernel[(batch, triton.cdiv(channels, block))](
+    conv_step_kernel[(batch, triton.cdiv(channels, block))](
         x, weight, state, out, channels, TAPS=weight.shape[1], BLOCK=block)
     return out
-
-
-@triton.jit
-def _conv_step_kernel(x_ptr, w_ptr, state_ptr, out_ptr, channels, TAPS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (b, block of channels): out = silu(sum_j w[c, j] * window[j]) over the window
-    `state[b, c, :] + [x[b, c]]`, in float32; then the window shifts left by one, in place (each
-    program reads its channels' window before it writes them)."""
-    b, block = tl.program_id(0), tl.program_id(1)
-    c = block * BLOCK + tl.arange(0, BLOCK)
-    mask = c < channels
-    row = state_ptr + (b * channels + c) * (TAPS - 1)
-    xv = tl.load(x_ptr + b * channels + c, mask=mask)
-    acc = xv.to(tl.float32) * tl.load(w_ptr + c * TAPS + TAPS - 1, mask=mask).to(tl.float32)
-    previous = tl.load(row, mask=mask)
-    acc += previous.to(tl.float32) * tl.load(w_ptr + c * TAPS, mask=mask).to(tl.float32)
-    for j in tl.static_range(1, TAPS - 1):
-        current = tl.load(row + j, mask=mask)
-        acc += current.to(tl.float32) * tl.load(w_ptr + c * TAPS + j, mask=mask).to(tl.float32)
-        tl.store(row + j - 1, current, mask=mask)
-    tl.store(row + TAPS - 2, xv.to(previous.dtype), mask=mask)
-    acc = acc.to(xv.dtype).to(tl.float32)  # rounded like the reference's conv output, then SiLU
-    tl.store(out_ptr + b * channels + c, (acc * tl.sigmoid(acc)).to(xv.dtype), mask=mask)
 
 
 # --- gated RMSNorm --------------------------------------------------------------------------
 
 
 def gated_rms_norm(x, z, weight, eps):
-    """fla's fused `w * norm(x) * silu(z)`; see `qwen35.ops.norm.gated_rms_norm`."""
-    if not _on_gpu(x, z):
+    """fla's fused `w * norm(x) * silu(z)`; see `qwen35.ops.norm.gated_rms_norm`. Traced by
+    torch.compile, the reference (see the module docstring)."""
+    if not _on_gpu(x, z) or torch.compiler.is_compiling():
         return _norm.gated_rms_norm(x, z, weight, eps)
     return _fla_rms_norm_gated(x, z, weight, None, activation="silu", eps=eps)
 

@@ -136,28 +136,52 @@ def test_the_seam_runs_the_delta_rule_kernel_chosen_and_tells_fla_which():
         o_fla, _ = ops.gated_delta_rule(q, k, v, g, beta, cu_seqlens(DOCS))
         o_direct, _ = fast.gated_delta_rule(q, k, v, g, beta, cu_seqlens(DOCS))
         assert torch.equal(o_fla, o_direct) and not torch.equal(o_fla, o_qla)
-        assert rel_err(o_fla, o_qla) <= TOL
+        assert relative_error(o_fla, o_qla) <= TOL
     finally:
         ops.use_backend("reference")
 
 
+@pytest.mark.parametrize("final_state", [False, True], ids=["ours", "fla_with_final_state"])
 @pytest.mark.parametrize("packed", [True, False])
-def test_causal_conv1d_matches_reference_including_final_state(fast_backend, packed):
+def test_causal_conv1d_matches_reference(fast_backend, packed, final_state):
+    """Without states the conv is our Triton op (`qwen35.ops.fast_conv`), with a final state
+    fla's kernel; both against the reference, forward and backward."""
     from qwen35.ops import fast
 
     docs = (2, *DOCS)  # one document shorter than the conv window
     batch, length = (1, sum(docs)) if packed else (3, 77)
     cu = cu_seqlens(docs) if packed else None
-    x = torch.randn(batch, length, 384, device="cuda")
-    weight = torch.randn(384, 4, device="cuda") * 0.5
+    x = torch.randn(batch, length, 384 + 40, device="cuda")  # channels not a multiple of the block
+    weight = torch.randn(384 + 40, 4, device="cuda") * 0.5
     (xf,), (xr,) = leaves(x)
     (wf,), (wr,) = leaves(weight, dtype=torch.float32)
-    yf, final_f = fast.causal_conv1d(xf, wf, cu, None, True)
-    yr, final_r = conv.causal_conv1d(xr, wr, cu, None, True)
-    assert final_f.shape == final_r.shape
+    yf, final_f = fast.causal_conv1d(xf, wf, cu, None, final_state)
+    yr, final_r = conv.causal_conv1d(xr, wr, cu, None, final_state)
     dy = torch.randn_like(yr)
     (dxf, dwf), (dxr, dwr) = grads((yf,), (dy,), (xf, wf)), grads((yr,), (dy,), (xr, wr))
-    assert_all_close({"y": (yf, yr), "final_state": (final_f, final_r), "dx": (dxf, dxr), "dw": (dwf, dwr)})
+    pairs = {"y": (yf, yr), "dx": (dxf, dxr), "dw": (dwf, dwr)}
+    if final_state:
+        assert final_f.shape == final_r.shape
+        pairs["final_state"] = (final_f, final_r)
+    assert_all_close(pairs)
+
+
+def test_conv_backward_sums_the_weight_gradient_over_many_token_blocks(fast_backend):
+    """A row of more than 256 x 32 tokens: each backward program along the tokens runs several
+    blocks and sums their weight gradient; documents cross the blocks' borders."""
+    from qwen35.ops import fast, fast_conv
+
+    docs = (5000, 3, 4191)
+    assert sum(docs) > fast_conv.MAX_TOKEN_PROGRAMS * fast_conv.BLOCK_T
+    x = torch.randn(1, sum(docs), 200, device="cuda")
+    weight = torch.randn(200, 4, device="cuda") * 0.5
+    (xf,), (xr,) = leaves(x, dtype=torch.float32)
+    (wf,), (wr,) = leaves(weight, dtype=torch.float32)
+    yf, _ = fast.causal_conv1d(xf, wf, cu_seqlens(docs))
+    yr, _ = conv.causal_conv1d(xr, wr, cu_seqlens(docs))
+    dy = torch.randn_like(yr)
+    (dxf, dwf), (dxr, dwr) = grads((yf,), (dy,), (xf, wf)), grads((yr,), (dy,), (xr, wr))
+    assert_all_close({"y": (yf, yr), "dx": (dxf, dxr), "dw": (dwf, dwr)}, tol=1e-5)
 
 
 @pytest.mark.parametrize("steps", [1, 5])
@@ -320,7 +344,7 @@ def test_fused_linear_cross_entropy_makes_no_weight_gradient_when_gradients_are_
     logits_chunk, bf16_weight = 256 * vocab * 2, vocab * dim * 2
     assert extra < logits_chunk + bf16_weight + 2**24, f"{extra / 2**20:.1f} MiB allocated"
     assert not evaluated.requires_grad
-    assert rel_err(evaluated, trained) <= 1e-6
+    assert relative_error(evaluated, trained) <= 1e-6
 
 
 @pytest.mark.parametrize("autocast", [False, True])

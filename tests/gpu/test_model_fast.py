@@ -1,11 +1,14 @@
 """The whole model on the fast path against the reference path: a training step and decoding."""
 
+import copy
+
 import pytest
 import torch
 
 from reference import copy_dequantized, relative_error
 from qwen35 import Qwen35Config, Qwen35ForCausalLM, ops, preset
 from qwen35.model.cache import InferenceCache
+from qwen35.parallel.compile import compile_layers
 
 pytestmark = pytest.mark.gpu
 
@@ -55,21 +58,28 @@ def flat(grads):
     return torch.cat([g.flatten() for g in grads.values()])
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("shape", ["tiny", "0.8B_4_layers"])
-def test_training_step_fast_is_as_accurate_as_the_reference_path(fast_backend, shape):
+def test_training_step_fast_is_as_accurate_as_the_reference_path(fast_backend, shape, compiled):
     """Against the float32 reference step, the fast bf16 step must be as close as the reference
     ops are in the same bf16 autocast: two bf16 pipelines differ from each other by about 2e-2
-    (0.8B-shaped), so comparing them directly would measure rounding, not correctness."""
+    (0.8B-shaped), so comparing them directly would measure rounding, not correctness.
+    Compiled, the fast step's conv, gated norm and q/k norm run as traced torch code
+    (`qwen35.ops.fast`), so the compiled layers are checked the same way."""
     config = Qwen35Config(**TINY) if shape == "tiny" else preset("0.8B", num_hidden_layers=4)
     model = build(config)
     ids, cu = packed_batch(config.vocab_size)
-    assert_fast_step_as_accurate_as_reference(shape, model, ids, cu)
+    fast_model = None
+    if compiled:
+        torch._dynamo.reset()
+        fast_model = compile_layers(copy.deepcopy(model))
+    assert_fast_step_as_accurate_as_reference(shape, model, ids, cu, fast_model=fast_model)
 
 
-def assert_fast_step_as_accurate_as_reference(name, model, ids, cu, **media):
+def assert_fast_step_as_accurate_as_reference(name, model, ids, cu, fast_model=None, **media):
     loss_true, grads_true = step(model, "reference", ids, cu, autocast=False, **media)
     loss_ref, grads_ref = step(model, "reference", ids, cu, **media)
-    loss_fast, grads_fast = step(model, "fast", ids, cu, **media)
+    loss_fast, grads_fast = step(fast_model or model, "fast", ids, cu, **media)
     err_ref = {n: relative_error(grads_ref[n], grads_true[n]) for n in grads_true}
     err_fast = {n: relative_error(grads_fast[n], grads_true[n]) for n in grads_true}
     flat_ref, flat_fast = relative_error(flat(grads_ref), flat(grads_true)), relative_error(flat(grads_fast), flat(grads_true))
