@@ -10,7 +10,7 @@ import time
 
 import torch
 sys.path.insert(0, ".")
-from qwen35.ops import fast
+from qwen35.ops import fast_conv
 from benchmarks.bench_train import document_lengths
 from fla.modules.causal_conv1d import causal_conv1d as fla_conv
 for channels in (6144, 8192):
@@ -20,7 +20,7 @@ for channels in (6144, 8192):
     w = (torch.randn(channels, 4, device="cuda") * 0.5).requires_grad_()
     dy = torch.randn(1, 8192, channels, device="cuda", dtype=torch.bfloat16)
     def ours():
-        y, _ = fast.causal_conv1d(x, w, cu)
+        y = fast_conv.causal_conv1d(x, w, cu)
         y.backward(dy)
     def theirs():
         y, _ = fla_conv(x, w, activation="silu", cu_seqlens=cu)

@@ -10,14 +10,14 @@
   recurrent state once (the largest memory traffic of a decode step at a few hundred sequences).
   The launch names fla 0.6.0's kernel arguments; a release whose kernel differs takes fla's
   function and a copy instead.
-- causal conv1d + SiLU: our Triton kernels (`qwen35.ops.fast_conv`): a `triton_op` that
-  torch.compile traces into the layer's graph, forward and backward one kernel each over the
-  packed row (fla's conv, 0.54 ms a 0.8B layer forward and backward, ran as a graph break with
-  its own Python launch path). With conv states (a prefill into a cache) fla's triton
-  `causal_conv1d`: fla keeps the state as the last K inputs `[N, C, K]`, ours is the last K-1
-  `[N, C, K-1]`, so the state is padded on the way in and trimmed on the way out (fla never
-  reads its oldest column). A decoding step (`causal_conv1d_step_`) is one small Triton kernel of
-  ours: the window's sum, the SiLU and the window's shift in place.
+- causal conv1d + SiLU: fla's triton `causal_conv1d` (channels last, varlen). fla keeps the
+  conv state as the last K inputs `[N, C, K]`; ours is the last K-1 `[N, C, K-1]`, so the state
+  is padded on the way in and trimmed on the way out (fla never reads its oldest column). Traced
+  by torch.compile without states (a training step), our Triton op instead
+  (`qwen35.ops.fast_conv`): torch.compile takes it into the layer's graph, where fla's conv was a
+  graph break with its own Python launch path. Eager, fla's kernels are the faster ones on the
+  GPU (docs/gpu.md). A decoding step (`causal_conv1d_step_`) is one small Triton kernel of ours:
+  the window's sum, the SiLU and the window's shift in place.
 - gated RMSNorm: fla's fused `rms_norm_gated` (`w * norm(x) * silu(z)`, one pass, eps passed).
 - causal softmax attention: `torch.nn.attention.varlen.varlen_attn` (flash attention on packed
   `[T, H, D]`), causal through `window_size=(-1, 0)`; kv heads are repeated where this torch has
@@ -50,7 +50,7 @@ where inductor fuses them with their neighbours, instead of as fla's kernels beh
 With the conv a traced op too, a GDN layer compiles as two graphs around the delta rule instead
 of five around fla's conv, delta rule and norm; each fla call dropped was a Python launch path
 that the host ran in forward and backward (the compiled 8k step is host-bound,
-docs/benchmarks.md). Called eagerly, the norms take fla's kernels, which beat eager torch.
+docs/benchmarks.md). Called eagerly, the conv and the norms take fla's kernels.
 """
 
 from __future__ import annotations
@@ -76,8 +76,7 @@ from qwen35.ops import moe as _moe
 from qwen35.ops import norm as _norm
 from qwen35.ops.autocast import compute_dtype
 from qwen35.ops.cross_entropy import IGNORE_INDEX
-from qwen35.ops.fast_conv import causal_conv1d_silu, conv_step_kernel
-from qwen35.ops.segments import positions_in_documents
+from qwen35.ops import fast_conv
 
 try:
     from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
@@ -218,18 +217,12 @@ def gated_delta_rule_step_(q, k, v, g, beta, state):
 
 
 def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_state=False):
-    """Without states (training): our Triton op, `qwen35.ops.fast_conv`, which torch.compile
-    traces into the layer's graph. With states (prefill into a cache): fla's triton conv. See
-    `qwen35.ops.conv.causal_conv1d` for the contract."""
-    if not _on_gpu(x) or initial_state is not None or output_final_state:
-        return _conv_through_fla(x, weight, cu_seqlens, initial_state, output_final_state)
-    batch, length, channels = x.shape
-    if cu_seqlens is None:
-        positions = torch.arange(length, device=x.device, dtype=torch.int32).repeat(batch)
-    else:
-        positions = positions_in_documents(cu_seqlens, length).to(torch.int32)
-    y = causal_conv1d_silu(x.reshape(batch * length, channels).contiguous(), weight.contiguous(), positions)
-    return y.view(batch, length, channels), None
+    """fla's triton conv with SiLU; traced by torch.compile without states, our Triton op
+    (`qwen35.ops.fast_conv`) inside the layer's graph. See `qwen35.ops.conv.causal_conv1d` for
+    the contract."""
+    if torch.compiler.is_compiling() and _on_gpu(x) and initial_state is None and not output_final_state:
+        return fast_conv.causal_conv1d(x, weight, cu_seqlens), None
+    return _conv_through_fla(x, weight, cu_seqlens, initial_state, output_final_state)
 
 
 @torch.compiler.disable
@@ -261,7 +254,7 @@ def causal_conv1d_step_(x, weight, state):
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
     block = 256
-    conv_step_kernel[(batch, triton.cdiv(channels, block))](
+    fast_conv.conv_step_kernel[(batch, triton.cdiv(channels, block))](
         x, weight, state, out, channels, TAPS=weight.shape[1], BLOCK=block)
     return out
 

@@ -4,14 +4,15 @@
 over N tokens of C channels, tap j of output t reading x[t - j] only where `positions[t] >= j`
 (t's index in its document, so no tap crosses a document boundary), SiLU after, in float32.
 It is a `torch.library.triton_op` with its backward registered: torch.compile traces it into a
-decoder layer's graph (no graph break, inductor launches the kernels), and called eagerly it is
-one kernel forward and one backward.
+decoder layer's graph (no graph break, inductor launches the kernels), one kernel forward and one
+backward. `qwen35.ops.fast` calls it (through `causal_conv1d`, the `[B, T, C]` form) only when
+traced: eager, fla's conv is faster on the GPU.
 
 The backward recomputes the pre-activation where it needs it instead of saving it: a program
 (a run of token blocks s, a block of channels) gathers dx[s] = sum_j w[:, K-1-j] * dacc[s + j]
 over the outputs that read x[s], recomputing acc[s + j] from x (the loads hit the cache), and
 writes its share of the weight gradient, `sum_s x[s] * dacc[s + j]`; a sum over the (at most
-256) programs along the tokens finishes it. H200, 0.8B shapes (8,192 tokens x 6,144 channels): see docs/gpu.md.
+256) programs along the tokens finishes it. Timings against fla's conv: docs/gpu.md.
 
 Offsets are 64-bit: a 1M-token row of 6,144 channels has more than 2^31 elements.
 """
@@ -22,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from qwen35.ops.segments import positions_in_documents
 
 BLOCK_T, BLOCK_C = 32, 128  # forward and backward tiles: tokens x channels
 MAX_TOKEN_PROGRAMS = 256  # backward programs along the tokens, each summing its blocks' weight gradient
@@ -81,6 +84,18 @@ def causal_conv1d_silu_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr,
                  mask=s_ok[:, None] & c_ok[None, :])
     tl.store(dw_ptr + (program * channels + c)[:, None] * TAPS + taps[None, :], dw,
              mask=c_ok[:, None] & (taps < TAPS)[None, :])
+
+
+def causal_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(causal depthwise conv) of a packed row `[1, T, C]` (documents by `cu_seqlens`) or a
+    plain batch `[B, T, C]`, without conv states: the op below over every token."""
+    batch, length, channels = x_BTC.shape
+    if cu_seqlens is None:
+        positions = torch.arange(length, device=x_BTC.device, dtype=torch.int32).repeat(batch)
+    else:
+        positions = positions_in_documents(cu_seqlens, length).to(torch.int32)
+    y = causal_conv1d_silu(x_BTC.reshape(batch * length, channels).contiguous(), weight_CK.contiguous(), positions)
+    return y.view(batch, length, channels)
 
 
 @triton_op("qwen35::causal_conv1d_silu", mutates_args=())

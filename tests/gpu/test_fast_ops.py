@@ -141,12 +141,13 @@ def test_the_seam_runs_the_delta_rule_kernel_chosen_and_tells_fla_which():
         ops.use_backend("reference")
 
 
-@pytest.mark.parametrize("final_state", [False, True], ids=["ours", "fla_with_final_state"])
+@pytest.mark.parametrize("kernel", ["ours", "fla", "fla_with_final_state"])
 @pytest.mark.parametrize("packed", [True, False])
-def test_causal_conv1d_matches_reference(fast_backend, packed, final_state):
-    """Without states the conv is our Triton op (`qwen35.ops.fast_conv`), with a final state
-    fla's kernel; both against the reference, forward and backward."""
-    from qwen35.ops import fast
+def test_causal_conv1d_matches_reference(fast_backend, packed, kernel):
+    """Our Triton op (`qwen35.ops.fast_conv`, what a compiled layer runs) and the seam's eager
+    conv (fla's kernel, with and without a final state) against the reference, forward and
+    backward."""
+    from qwen35.ops import fast, fast_conv
 
     docs = (2, *DOCS)  # one document shorter than the conv window
     batch, length = (1, sum(docs)) if packed else (3, 77)
@@ -155,7 +156,11 @@ def test_causal_conv1d_matches_reference(fast_backend, packed, final_state):
     weight = torch.randn(384 + 40, 4, device="cuda") * 0.5
     (xf,), (xr,) = leaves(x)
     (wf,), (wr,) = leaves(weight, dtype=torch.float32)
-    yf, final_f = fast.causal_conv1d(xf, wf, cu, None, final_state)
+    final_state = kernel == "fla_with_final_state"
+    if kernel == "ours":
+        yf, final_f = fast_conv.causal_conv1d(xf, wf, cu), None
+    else:
+        yf, final_f = fast.causal_conv1d(xf, wf, cu, None, final_state)
     yr, final_r = conv.causal_conv1d(xr, wr, cu, None, final_state)
     dy = torch.randn_like(yr)
     (dxf, dwf), (dxr, dwr) = grads((yf,), (dy,), (xf, wf)), grads((yr,), (dy,), (xr, wr))
@@ -169,7 +174,7 @@ def test_causal_conv1d_matches_reference(fast_backend, packed, final_state):
 def test_conv_backward_sums_the_weight_gradient_over_many_token_blocks(fast_backend):
     """A row of more than 256 x 32 tokens: each backward program along the tokens runs several
     blocks and sums their weight gradient; documents cross the blocks' borders."""
-    from qwen35.ops import fast, fast_conv
+    from qwen35.ops import fast_conv
 
     docs = (5000, 3, 4191)
     assert sum(docs) > fast_conv.MAX_TOKEN_PROGRAMS * fast_conv.BLOCK_T
@@ -177,7 +182,7 @@ def test_conv_backward_sums_the_weight_gradient_over_many_token_blocks(fast_back
     weight = torch.randn(200, 4, device="cuda") * 0.5
     (xf,), (xr,) = leaves(x, dtype=torch.float32)
     (wf,), (wr,) = leaves(weight, dtype=torch.float32)
-    yf, _ = fast.causal_conv1d(xf, wf, cu_seqlens(docs))
+    yf = fast_conv.causal_conv1d(xf, wf, cu_seqlens(docs))
     yr, _ = conv.causal_conv1d(xr, wr, cu_seqlens(docs))
     dy = torch.randn_like(yr)
     (dxf, dwf), (dxr, dwr) = grads((yf,), (dy,), (xf, wf)), grads((yr,), (dy,), (xr, wr))
