@@ -72,11 +72,11 @@ from qwen35.ops import attention as _attention
 from qwen35.ops import conv as _conv
 from qwen35.ops import cross_entropy as _cross_entropy
 from qwen35.ops import delta_rule as _delta_rule
+from qwen35.ops import fast_conv
 from qwen35.ops import moe as _moe
 from qwen35.ops import norm as _norm
 from qwen35.ops.autocast import compute_dtype
 from qwen35.ops.cross_entropy import IGNORE_INDEX
-from qwen35.ops import fast_conv
 
 try:
     from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel

@@ -31,8 +31,8 @@ MAX_TOKEN_PROGRAMS = 256  # backward programs along the tokens, each summing its
 
 
 @triton.jit
-def causal_conv1d_silu_fwd_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, tokens, channels, TAPS: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+def causal_conv1d_silu_fwd_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, tokens, channels, TAPS: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     t_ok, c_ok = t < tokens, c < channels
@@ -49,8 +49,9 @@ def causal_conv1d_silu_fwd_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, tokens, channels
 
 
 @triton.jit
-def causal_conv1d_silu_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr, tokens, channels, blocks_per_program,
-                     TAPS: tl.constexpr, TAPS_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def causal_conv1d_silu_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr, tokens, channels,
+                                  blocks_per_program, TAPS: tl.constexpr, TAPS_P2: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx of `blocks_per_program` consecutive token blocks, and their summed weight gradient
     `dw[program, c, tap]` (float32)."""
     program = tl.program_id(0)
@@ -86,7 +87,8 @@ def causal_conv1d_silu_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr,
              mask=c_ok[:, None] & (taps < TAPS)[None, :])
 
 
-def causal_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+def causal_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor,
+                  cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """silu(causal depthwise conv) of a packed row `[1, T, C]` (documents by `cu_seqlens`) or a
     plain batch `[B, T, C]`, without conv states: the op below over every token."""
     batch, length, channels = x_BTC.shape
