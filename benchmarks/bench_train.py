@@ -179,7 +179,8 @@ BREAKDOWN = True  # --no-breakdown: no profiled step for ours
 _FAMILIES = {  # substring of a kernel name -> family (first match wins)
     # GDN: fla's delta-rule kernels, FlashQLA's TileLang ones, the conv and the gated norm
     "tilelang": "GDN", "gdr": "GDN", "kkt": "GDN", "chunk": "GDN", "wy": "GDN", "solve_tril": "GDN",
-    "l2norm": "GDN", "gdn": "GDN", "merge_16x16": "GDN", "causal_conv1d": "GDN", "layer_norm_gated": "GDN",
+    "recompute_w_u": "GDN", "l2norm": "GDN", "gdn": "GDN", "merge_16x16": "GDN", "causal_conv1d": "GDN",
+    "layer_norm_gated": "GDN",
     "flash": "attention", "fmha": "attention", "attn": "attention",
     "cross_entropy": "loss",
     "gemm": "matmuls", "nvjet": "matmuls", "cutlass": "matmuls", "sm90_xmma": "matmuls", "cublas": "matmuls",
