@@ -31,18 +31,26 @@ MAX_TOKEN_PROGRAMS = 256  # backward programs along the tokens, each summing its
 
 
 @triton.jit
-def causal_conv1d_silu_fwd_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, tokens, channels, TAPS: tl.constexpr,
-                                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    t_ok, c_ok = t < tokens, c < channels
-    pos = tl.load(pos_ptr + t, mask=t_ok, other=0)
+def _pre_activation(x_ptr, w_ptr, t, pos, t_ok, c, c_ok, channels, TAPS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """float32 `sum_j w[c, K-1-j] * x[t - j]` over the taps that stay in t's document (`pos`)."""
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for j in tl.static_range(TAPS):
         ok = (t_ok & (pos >= j))[:, None] & c_ok[None, :]
         xv = tl.load(x_ptr + (t - j)[:, None] * channels + c[None, :], mask=ok, other=0.0)
         wv = tl.load(w_ptr + c * TAPS + (TAPS - 1 - j), mask=c_ok, other=0.0)
         acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def causal_conv1d_silu_fwd_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, tokens, channels, TAPS: tl.constexpr,
+                                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_ok, c_ok = t < tokens, c < channels
+    pos = tl.load(pos_ptr + t, mask=t_ok, other=0)
+    acc = _pre_activation(x_ptr, w_ptr, t, pos, t_ok, c, c_ok, channels, TAPS, BLOCK_T, BLOCK_C)
     y = acc * tl.sigmoid(acc)
     tl.store(y_ptr + t[:, None] * channels + c[None, :], y.to(y_ptr.dtype.element_ty),
              mask=t_ok[:, None] & c_ok[None, :])
@@ -68,12 +76,7 @@ def causal_conv1d_silu_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr,
             u = s + j
             pos_u = tl.load(pos_ptr + u, mask=u < tokens, other=0)
             valid = s_ok & (u < tokens) & (pos_u >= j)
-            acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-            for i in tl.static_range(TAPS):
-                ok = (valid & (pos_u >= i))[:, None] & c_ok[None, :]
-                xv = tl.load(x_ptr + (u - i)[:, None] * channels + c[None, :], mask=ok, other=0.0)
-                wv = tl.load(w_ptr + c * TAPS + (TAPS - 1 - i), mask=c_ok, other=0.0)
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            acc = _pre_activation(x_ptr, w_ptr, u, pos_u, valid, c, c_ok, channels, TAPS, BLOCK_T, BLOCK_C)
             dy = tl.load(dy_ptr + u[:, None] * channels + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
             sig = tl.sigmoid(acc)
             dacc = dy.to(tl.float32) * sig * (1.0 + acc * (1.0 - sig))
