@@ -189,6 +189,26 @@ _FAMILIES = {  # substring of a kernel name -> family (first match wins)
 CATEGORIES = ("GDN", "attention", "matmuls", "loss", "optimizer", "other")
 
 
+def gpu_kernels(events) -> list:
+    """The profiler's GPU kernels, without the GPU-side ranges of `record_function` annotations
+    (the optimizer's `Optimizer.step#AdamW.step` among them): a range spans kernels that are
+    also listed on their own, so counting it would count them twice."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+
+
+def kernel_split(kernels) -> tuple[dict[str, float], list]:
+    """GPU ms per family of `CATEGORIES` (`_FAMILIES` by kernel name), and the "other" kernels."""
+    split = dict.fromkeys(CATEGORIES, 0.0)
+    others = []
+    for e in kernels:
+        family = next((f for key, f in _FAMILIES.items() if key in e.key.lower()), "other")
+        split[family] += e.self_device_time_total / 1e3
+        if family == "other":
+            others.append(e)
+    return split, others
+
+
 def _profile(step, label: str, device, top: int = 6) -> dict[str, float]:
     """One profiled step: its wall time split into GPU time per kernel family (`_FAMILIES`) and
     the time the GPU idled (wall minus busy: the host not keeping up). Prints it and the longest
@@ -201,14 +221,8 @@ def _profile(step, label: str, device, top: int = 6) -> dict[str, float]:
         step()
         _sync(device)
         wall = (time.perf_counter() - start) * 1e3
-    split = dict.fromkeys(CATEGORIES, 0.0)
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    others = []
-    for e in kernels:
-        family = next((f for key, f in _FAMILIES.items() if key in e.key.lower()), "other")
-        split[family] += e.self_device_time_total / 1e3
-        if family == "other":
-            others.append(e)
+    kernels = gpu_kernels(prof.key_averages())
+    split, others = kernel_split(kernels)
     split["idle"] = max(0.0, wall - sum(split.values()))
     split["wall"] = wall
     parts = ", ".join(f"{k} {split[k]:.0f} ({100 * split[k] / wall:.0f}%)" for k in (*CATEGORIES, "idle"))
