@@ -20,20 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import ms_per_call  # noqa: E402
 from qwen35 import Qwen35ForCausalLM, ops, preset  # noqa: E402
 from qwen35.engine import DecodeEngine  # noqa: E402
 from qwen35.generate import sample_next  # noqa: E402
-
-
-def _ms_per_call(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def profile_preset(name: str, batch: int, prompt_len: int, top: int, compile_step: bool) -> None:
@@ -54,9 +44,9 @@ def profile_preset(name: str, batch: int, prompt_len: int, top: int, compile_ste
         torch.log_softmax(engine.logits, dim=-1).gather(-1, token[:, None])
 
     with torch.no_grad():
-        graph_ms = _ms_per_call(lambda: engine._decode(bucket), 20)
-        eager_ms = _ms_per_call(lambda: engine._step(bucket), 10)
-        sample_ms = _ms_per_call(sample, 20)
+        graph_ms = ms_per_call(lambda: engine._decode(bucket), 20)
+        eager_ms = ms_per_call(lambda: engine._step(bucket), 10)
+        sample_ms = ms_per_call(sample, 20)
         print(f"\n{name}, {batch} slots, keys up to {bucket}: graph step {graph_ms:.2f} ms, eager step "
               f"{eager_ms:.2f} ms, sampling + log-prob {sample_ms:.2f} ms", flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -107,7 +97,7 @@ def gdn_step_tiles(batch: int, heads: int = 16, dim: int = 128) -> None:
         if reference is None:
             reference = result
         diff = max((a - b).abs().max().item() for a, b in zip(result, reference))
-        ms = _ms_per_call(call, 50)
+        ms = ms_per_call(call, 50)
         print(f"  BV {block_v:3d} warps {warps}: {ms * 1e3:7.1f} us "
               f"({2 * state0.numel() * 4 / ms / 1e9:.2f} TB/s), max |diff| vs BV 8 {diff:.1e}", flush=True)
 
