@@ -71,16 +71,18 @@ class GatedDeltaNet(nn.Module):
     # step that mixes tokens, and it treats every head on its own.
 
     def forward(self, x_BTD, cu_seqlens=None, cache=None):
-        qkv_BTC, beta, g = self.project(x_BTD)
+        qkv_BTC, beta, g, z = self.project(x_BTD)
         o = self.mix(qkv_BTC, beta, g, self.conv1d.weight.squeeze(1), cu_seqlens, cache)
-        return self.output(o, x_BTD)
+        return self.output(o, z)
 
     def project(self, x_BTD):
         """The conv's input channels `[q | k | v]` `[B, T, C]`, beta and the log decay g (float32),
-        both `[B, T, Hv]`."""
+        both `[B, T, Hv]`, and the output gate z `[B, T, Hv * Dv]`. All four projections of the
+        layer input happen here, so that a compiled layer reads it in one graph (before the delta
+        rule's break) and its gradient is summed inside that graph's backward."""
         beta = self.in_proj_b(x_BTD).sigmoid()
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BTD).float() + self.dt_bias)
-        return self.in_proj_qkv(x_BTD), beta, g
+        return self.in_proj_qkv(x_BTD), beta, g, self.in_proj_z(x_BTD)
 
     def mix(self, qkv_BTC, beta, g, conv_weight_CK, cu_seqlens=None, cache=None):
         """The short conv (depthwise: channel c uses row c of `conv_weight_CK`) and the delta rule:
@@ -113,7 +115,6 @@ class GatedDeltaNet(nn.Module):
             cache.update(conv_state, recurrent_state)
         return o
 
-    def output(self, o_BTHD, x_BTD):
-        """Gated RMSNorm per head (gate z from the layer input), then out_proj."""
-        z = self.in_proj_z(x_BTD).reshape(o_BTHD.shape)
-        return self.out_proj(self.norm(o_BTHD, z).flatten(2))
+    def output(self, o_BTHD, z):
+        """Gated RMSNorm per head (gate z), then out_proj."""
+        return self.out_proj(self.norm(o_BTHD, z.reshape(o_BTHD.shape)).flatten(2))
