@@ -10,14 +10,14 @@
   recurrent state once (the largest memory traffic of a decode step at a few hundred sequences).
   The launch names fla 0.6.0's kernel arguments; a release whose kernel differs takes fla's
   function and a copy instead.
-- causal conv1d + SiLU: fla's triton `causal_conv1d` (channels last, varlen). fla keeps the
-  conv state as the last K inputs `[N, C, K]`; ours is the last K-1 `[N, C, K-1]`, so the state
-  is padded on the way in and trimmed on the way out (fla never reads its oldest column). Traced
-  by torch.compile without states (a training step), our Triton op instead
-  (`qwen35.ops.fast_conv`): torch.compile takes it into the layer's graph, where fla's conv was a
-  graph break with its own Python launch path. Eager, fla's kernels are the faster ones on the
-  GPU (docs/gpu.md). A decoding step (`causal_conv1d_step_`) is one small Triton kernel of ours:
-  the window's sum, the SiLU and the window's shift in place.
+- causal conv1d + SiLU: without conv states (training), our Triton op (`qwen35.ops.fast_conv`):
+  torch.compile keeps it in the layer's graph, where fla's conv was a graph break with its own
+  Python launch path, and eager it is also the faster one over forward + backward (docs/gpu.md).
+  With states (a prefill into a cache), fla's triton `causal_conv1d` (channels last, varlen);
+  fla keeps the conv state as the last K inputs `[N, C, K]`, ours is the last K-1 `[N, C, K-1]`,
+  so the state is padded on the way in and trimmed on the way out (fla never reads its oldest
+  column). A decoding step (`causal_conv1d_step_`) is one small Triton kernel of ours: the
+  window's sum, the SiLU and the window's shift in place.
 - gated RMSNorm: fla's fused `rms_norm_gated` (`w * norm(x) * silu(z)`, one pass, eps passed).
 - causal softmax attention: `torch.nn.attention.varlen.varlen_attn` (flash attention on packed
   `[T, H, D]`), causal through `window_size=(-1, 0)`; kv heads are repeated where this torch has
@@ -44,13 +44,14 @@ Inputs on the CPU, or in a dtype flash attention lacks, go to the reference op.
 torch.compile: the ops that read the document lengths on the host are `torch.compiler.disable`d,
 so a compiled decoder layer calls them as opaque functions: traced, the host view's cache and
 fla's `prepare_chunk_indices` would become part of the graphs and their guards (autocast state
-among them). The gated RMSNorm and the delta rule's q/k L2 norm are elementwise: traced
-(`torch.compiler.is_compiling()`), they run as their torch references inside the layer's graph,
-where inductor fuses them with their neighbours, instead of as fla's kernels behind graph breaks.
-With the conv a traced op too, a GDN layer compiles as two graphs around the delta rule instead
-of five around fla's conv, delta rule and norm; each fla call dropped was a Python launch path
-that the host ran in forward and backward (the compiled 8k step is host-bound,
-docs/benchmarks.md). Called eagerly, the conv and the norms take fla's kernels.
+among them). The gated RMSNorm is elementwise: traced (`torch.compiler.is_compiling()`), it runs
+as its torch reference inside the layer's graph, where inductor fuses it with its neighbours,
+instead of as fla's kernel behind a graph break; called eagerly, it is fla's kernel. With the
+conv our op, a GDN layer compiles as two graphs around the delta rule instead of five around
+fla's conv, delta rule and norm; each fla call dropped was a Python launch path that the host ran
+in forward and backward (the compiled 8k step is host-bound, docs/benchmarks.md). The delta
+rule's q/k L2 norm stays inside fla's kernel: traced in the graph instead, it cost 1.7 GiB more
+peak memory at 0.8B and 8k tokens and no less GPU time (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -136,41 +137,37 @@ def _on_gpu(*tensors) -> bool:
 
 
 def gated_delta_rule(q, k, v, g, beta, cu_seqlens=None, initial_state=None, output_final_state=False):
-    """fla's chunked kernel; see `qwen35.ops.delta_rule.gated_delta_rule` for the contract.
-    Traced by torch.compile, q and k are L2-normalised in the graph (see the module docstring)."""
+    """fla's chunked kernel, q and k L2-normalised inside it; see
+    `qwen35.ops.delta_rule.gated_delta_rule` for the contract."""
     if not _on_gpu(q, k, v):
         return _delta_rule.gated_delta_rule(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state)
-    if torch.compiler.is_compiling():
-        q, k = (_delta_rule.l2_normalize(x.float()).to(x.dtype) for x in (q, k))
-        return _delta_rule_through_fla(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, normalized=True)
-    return _delta_rule_through_fla(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, normalized=False)
+    return _delta_rule_through_fla(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state)
 
 
 @torch.compiler.disable
-def _delta_rule_through_fla(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, normalized: bool):
-    """fla's kernels; they L2-normalise q and k themselves unless `normalized`."""
+def _delta_rule_through_fla(q, k, v, g, beta, cu_seqlens, initial_state, output_final_state):
     batch, length = v.shape[:2]
     if cu_seqlens is None and length == 1:
-        return _recurrent_step(q, k, v, g, beta, initial_state, output_final_state, normalize=not normalized)
+        return _recurrent_step(q, k, v, g, beta, initial_state, output_final_state)
     (q, k, v, g, beta), cu, cu_cpu = _as_packed(cu_seqlens, q, k, v, g, beta)
     o, state = _fla_chunk_gated_delta_rule(
         q, k, v, g.float(), beta,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=not normalized,
+        use_qk_l2norm_in_kernel=True,
         cu_seqlens=cu,
         cu_seqlens_cpu=cu_cpu,
     )
     return o.view(batch, length, *o.shape[2:]), (state if output_final_state else None)
 
 
-def _recurrent_step(q, k, v, g, beta, initial_state, output_final_state, normalize=True):
+def _recurrent_step(q, k, v, g, beta, initial_state, output_final_state):
     """One token per sequence through fla's fused recurrent kernel (graph-capturable)."""
     o, state = _fla_recurrent_gated_delta_rule(  # by keyword: later fla releases add arguments before beta
         q=q, k=k, v=v, g=g.float(), beta=beta,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=normalize,
+        use_qk_l2norm_in_kernel=True,
     )
     return o, (state if output_final_state else None)
 
@@ -217,10 +214,10 @@ def gated_delta_rule_step_(q, k, v, g, beta, state):
 
 
 def causal_conv1d(x, weight, cu_seqlens=None, initial_state=None, output_final_state=False):
-    """fla's triton conv with SiLU; traced by torch.compile without states, our Triton op
-    (`qwen35.ops.fast_conv`) inside the layer's graph. See `qwen35.ops.conv.causal_conv1d` for
-    the contract."""
-    if torch.compiler.is_compiling() and _on_gpu(x) and initial_state is None and not output_final_state:
+    """The conv with SiLU: without conv states (training), our Triton op (`qwen35.ops.fast_conv`,
+    inside the layer's graph when compiled); with states (a prefill into a cache), fla's. See
+    `qwen35.ops.conv.causal_conv1d` for the contract."""
+    if _on_gpu(x) and initial_state is None and not output_final_state:
         return fast_conv.causal_conv1d(x, weight, cu_seqlens), None
     return _conv_through_fla(x, weight, cu_seqlens, initial_state, output_final_state)
 

@@ -3,16 +3,20 @@
 `causal_conv1d_silu(x_NC, weight_CK, positions_N)` is the reference's conv (`qwen35.ops.conv`)
 over N tokens of C channels, tap j of output t reading x[t - j] only where `positions[t] >= j`
 (t's index in its document, so no tap crosses a document boundary), SiLU after, in float32.
-It is a `torch.library.triton_op` with its backward registered: torch.compile traces it into a
-decoder layer's graph (no graph break, inductor launches the kernels), one kernel forward and one
-backward. `qwen35.ops.fast` calls it (through `causal_conv1d`, the `[B, T, C]` form) only when
-traced: eager, fla's conv is faster on the GPU.
+It is a `torch.library.custom_op` with its backward registered: torch.compile keeps it in a
+decoder layer's graph as one opaque call (no graph break), one kernel forward and one backward.
+Not a `triton_op`: inductor would then analyse which inputs each kernel writes, and with torch
+2.11 and triton 3.7 (the pair fla needs on Hopper) that analysis fails and inductor copies every
+input of every call. `qwen35.ops.fast` calls it (through `causal_conv1d`, the `[B, T, C]` form)
+for every conv without states, eager or traced; fla's conv serves the calls with states.
 
-The backward recomputes the pre-activation where it needs it instead of saving it: a program
-(a run of token blocks s, a block of channels) gathers dx[s] = sum_j w[:, K-1-j] * dacc[s + j]
-over the outputs that read x[s], recomputing acc[s + j] from x (the loads hit the cache), and
-writes its share of the weight gradient, `sum_s x[s] * dacc[s + j]`; a sum over the (at most
-256) programs along the tokens finishes it. Timings against fla's conv: docs/gpu.md.
+The backward recomputes the pre-activation instead of saving it. A program (a run of token
+blocks, a block of channels) takes its blocks in turn: it computes dacc = dy * silu'(acc) once
+for the block's tokens and the TAPS - 1 after it (acc recomputed from x), parks it in its own
+float32 scratch tile (cache-resident; a barrier orders the writes before the reads), then reads
+it shifted by each tap for dx[s] = sum_j w[:, K-1-j] * dacc[s + j] and for its share of the
+weight gradient, `sum_s x[s] * dacc[s + j]`; a sum over the (at most 256) programs along the
+tokens finishes it. Timings against fla's conv: docs/gpu.md.
 
 Offsets are 64-bit: a 1M-token row of 6,144 channels has more than 2^31 elements.
 """
@@ -22,7 +26,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from qwen35.ops.segments import positions_in_documents
 
@@ -57,29 +60,50 @@ def causal_conv1d_silu_fwd_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, tokens, channels
 
 
 @triton.jit
-def causal_conv1d_silu_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr, tokens, channels,
+def _silu_grad(x_ptr, w_ptr, pos_ptr, dy_ptr, u, c, c_ok, tokens, channels, TAPS: tl.constexpr,
+               ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """float32 dacc = dy * silu'(acc) at tokens `u` (0 past the last token)."""
+    u_ok = u < tokens
+    pos = tl.load(pos_ptr + u, mask=u_ok, other=0)
+    acc = _pre_activation(x_ptr, w_ptr, u, pos, u_ok, c, c_ok, channels, TAPS, ROWS, BLOCK_C)
+    dy = tl.load(dy_ptr + u[:, None] * channels + c[None, :], mask=u_ok[:, None] & c_ok[None, :], other=0.0)
+    sig = tl.sigmoid(acc)
+    return dy.to(tl.float32) * sig * (1.0 + acc * (1.0 - sig))
+
+
+@triton.jit
+def causal_conv1d_silu_bwd_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr, scratch_ptr, tokens, channels,
                                   blocks_per_program, TAPS: tl.constexpr, TAPS_P2: tl.constexpr,
                                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx of `blocks_per_program` consecutive token blocks, and their summed weight gradient
-    `dw[program, c, tap]` (float32)."""
+    `dw[program, c, tap]` (float32). `scratch` holds each program's dacc tile: BLOCK_T + TAPS_P2
+    rows (the block and the tokens after it that read it) of BLOCK_C."""
     program = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < channels
     taps = tl.arange(0, TAPS_P2)
+    rows, after, cols = tl.arange(0, BLOCK_T), tl.arange(0, TAPS_P2), tl.arange(0, BLOCK_C)
+    scratch = scratch_ptr + (program * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * (
+        (BLOCK_T + TAPS_P2) * BLOCK_C)
     dw = tl.zeros((BLOCK_C, TAPS_P2), dtype=tl.float32)
     for b in range(blocks_per_program):
-        s = (program.to(tl.int64) * blocks_per_program + b) * BLOCK_T + tl.arange(0, BLOCK_T)
+        first = (program.to(tl.int64) * blocks_per_program + b) * BLOCK_T
+        s = first + rows
         s_ok = s < tokens
+        dacc_block = _silu_grad(x_ptr, w_ptr, pos_ptr, dy_ptr, s, c, c_ok, tokens, channels, TAPS, BLOCK_T, BLOCK_C)
+        dacc_after = _silu_grad(x_ptr, w_ptr, pos_ptr, dy_ptr, first + BLOCK_T + after, c, c_ok, tokens, channels,
+                                TAPS, TAPS_P2, BLOCK_C)
+        tl.debug_barrier()  # the previous block's reads of the scratch tile are done
+        tl.store(scratch + rows[:, None] * BLOCK_C + cols[None, :], dacc_block)
+        tl.store(scratch + (BLOCK_T + after)[:, None] * BLOCK_C + cols[None, :], dacc_after)
+        tl.debug_barrier()
         xs = tl.load(x_ptr + s[:, None] * channels + c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0)
         dx = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
         for j in tl.static_range(TAPS):  # output u = s + j reads x[s] through tap j
             u = s + j
             pos_u = tl.load(pos_ptr + u, mask=u < tokens, other=0)
             valid = s_ok & (u < tokens) & (pos_u >= j)
-            acc = _pre_activation(x_ptr, w_ptr, u, pos_u, valid, c, c_ok, channels, TAPS, BLOCK_T, BLOCK_C)
-            dy = tl.load(dy_ptr + u[:, None] * channels + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
-            sig = tl.sigmoid(acc)
-            dacc = dy.to(tl.float32) * sig * (1.0 + acc * (1.0 - sig))
+            dacc = tl.load(scratch + (rows + j)[:, None] * BLOCK_C + cols[None, :], mask=valid[:, None], other=0.0)
             wj = tl.load(w_ptr + c * TAPS + (TAPS - 1 - j), mask=c_ok, other=0.0)
             dx += dacc * wj.to(tl.float32)[None, :]
             tap_grad = tl.sum(xs.to(tl.float32) * dacc, axis=0)
@@ -103,32 +127,53 @@ def causal_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor,
     return y.view(batch, length, channels)
 
 
-@triton_op("qwen35::causal_conv1d_silu", mutates_args=())
+@torch.library.custom_op("qwen35::causal_conv1d_silu", mutates_args=())
 def causal_conv1d_silu(x_NC: torch.Tensor, weight_CK: torch.Tensor, positions_N: torch.Tensor) -> torch.Tensor:
     """silu(causal depthwise conv) of a packed row `[N, C]` in x's dtype (module docstring)."""
     tokens, channels = x_NC.shape
     y = torch.empty_like(x_NC)
     grid = (triton.cdiv(tokens, BLOCK_T), triton.cdiv(channels, BLOCK_C))
-    wrap_triton(causal_conv1d_silu_fwd_kernel)[grid](
+    causal_conv1d_silu_fwd_kernel[grid](
         x_NC, weight_CK, positions_N, y, tokens, channels, TAPS=weight_CK.shape[1], BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
     return y
 
 
-@triton_op("qwen35::causal_conv1d_silu_backward", mutates_args=())
+@causal_conv1d_silu.register_fake
+def _(x_NC, weight_CK, positions_N):
+    return torch.empty_like(x_NC)
+
+
+def _token_programs(tokens: int) -> tuple[int, int]:
+    """(token blocks per backward program, programs along the tokens)."""
+    blocks = triton.cdiv(tokens, BLOCK_T)
+    per_program = triton.cdiv(blocks, MAX_TOKEN_PROGRAMS)
+    return per_program, triton.cdiv(blocks, per_program)
+
+
+@torch.library.custom_op("qwen35::causal_conv1d_silu_backward", mutates_args=())
 def causal_conv1d_silu_backward(dy_NC: torch.Tensor, x_NC: torch.Tensor, weight_CK: torch.Tensor,
                                 positions_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx `[N, C]`, the weight gradient's float32 partial sums `[programs, C, K]`)."""
     tokens, channels = x_NC.shape
     taps = weight_CK.shape[1]
-    blocks = triton.cdiv(tokens, BLOCK_T)
-    per_program = triton.cdiv(blocks, MAX_TOKEN_PROGRAMS)
-    programs = triton.cdiv(blocks, per_program)
+    per_program, programs = _token_programs(tokens)
+    taps_p2 = triton.next_power_of_2(taps)
+    channel_blocks = triton.cdiv(channels, BLOCK_C)
     dx = torch.empty_like(x_NC)
     dw_partial = torch.empty(programs, channels, taps, device=x_NC.device, dtype=torch.float32)
-    wrap_triton(causal_conv1d_silu_bwd_kernel)[(programs, triton.cdiv(channels, BLOCK_C))](
-        x_NC, weight_CK, positions_N, dy_NC, dx, dw_partial, tokens, channels, per_program, TAPS=taps,
-        TAPS_P2=triton.next_power_of_2(taps), BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    scratch = torch.empty(programs * channel_blocks * (BLOCK_T + taps_p2) * BLOCK_C, device=x_NC.device,
+                          dtype=torch.float32)
+    causal_conv1d_silu_bwd_kernel[(programs, channel_blocks)](
+        x_NC, weight_CK, positions_N, dy_NC, dx, dw_partial, scratch, tokens, channels, per_program, TAPS=taps,
+        TAPS_P2=taps_p2, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
     return dx, dw_partial
+
+
+@causal_conv1d_silu_backward.register_fake
+def _(dy_NC, x_NC, weight_CK, positions_N):
+    tokens, channels = x_NC.shape
+    programs = _token_programs(tokens)[1]
+    return torch.empty_like(x_NC), x_NC.new_empty(programs, channels, weight_CK.shape[1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):

@@ -141,12 +141,11 @@ def test_the_seam_runs_the_delta_rule_kernel_chosen_and_tells_fla_which():
         ops.use_backend("reference")
 
 
-@pytest.mark.parametrize("kernel", ["ours", "fla", "fla_with_final_state"])
+@pytest.mark.parametrize("kernel", ["ours", "seam", "seam_with_final_state"])
 @pytest.mark.parametrize("packed", [True, False])
 def test_causal_conv1d_matches_reference(fast_backend, packed, kernel):
-    """Our Triton op (`qwen35.ops.fast_conv`, what a compiled layer runs) and the seam's eager
-    conv (fla's kernel, with and without a final state) against the reference, forward and
-    backward."""
+    """Our Triton op (`qwen35.ops.fast_conv`) and the seam's conv (our op without states, fla's
+    kernel with a final state) against the reference, forward and backward."""
     from qwen35.ops import fast, fast_conv
 
     docs = (2, *DOCS)  # one document shorter than the conv window
@@ -156,7 +155,7 @@ def test_causal_conv1d_matches_reference(fast_backend, packed, kernel):
     weight = torch.randn(384 + 40, 4, device="cuda") * 0.5
     (xf,), (xr,) = leaves(x)
     (wf,), (wr,) = leaves(weight, dtype=torch.float32)
-    final_state = kernel == "fla_with_final_state"
+    final_state = kernel == "seam_with_final_state"
     if kernel == "ours":
         yf, final_f = fast_conv.causal_conv1d(xf, wf, cu), None
     else:
