@@ -18,6 +18,7 @@ TINY = dict(
     linear_key_head_dim=128, linear_value_head_dim=128, tie_word_embeddings=True,
 )
 DOCS = (300, 257, 1, 443)  # 1001 tokens
+DECAY_PARAMETERS = ("dt_bias", "A_log")
 
 
 def build(config: Qwen35Config, seed=0) -> Qwen35ForCausalLM:
@@ -64,7 +65,7 @@ def test_training_step_fast_is_as_accurate_as_the_reference_path(fast_backend, s
     """Against the float32 reference step, the fast bf16 step must be as close as the reference
     ops are in the same bf16 autocast: two bf16 pipelines differ from each other by about 2e-2
     (0.8B-shaped), so comparing them directly would measure rounding, not correctness.
-    Compiled, the fast step's conv, gated norm and q/k norm run as traced torch code
+    Compiled, the fast step's conv is our Triton op and its gated norm traced torch code
     (`qwen35.ops.fast`), so the compiled layers are checked the same way."""
     config = Qwen35Config(**TINY) if shape == "tiny" else preset("0.8B", num_hidden_layers=4)
     model = build(config)
@@ -92,8 +93,17 @@ def assert_fast_step_as_accurate_as_reference(name, model, ids, cu, fast_model=N
           f"all-grads rel err vs fp32: reference-bf16 {flat_ref:.2e}, fast {flat_fast:.2e}; worst (fast, ref) {worst}")
     assert relative_error(loss_fast, loss_true) <= 1e-3
     assert flat_fast <= 1.25 * flat_ref + 2e-3
-    assert all(err_fast[n] <= 2 * err_ref[n] + 1e-2 for n in err_fast), worst
+    assert all(err_fast[n] <= _bound(n, err_ref[n]) for n in err_fast), worst
     return grads_fast
+
+
+def _bound(name: str, err_ref: float) -> float:
+    """A fast gradient's largest relative error, from the reference-bf16 path's. The decay
+    parameters' gradients sum, over every token, the rounding of fla's bf16 chunk states (the
+    reference keeps the states in float32): 0.059 to 0.074 measured on H200s for the 0.8B-shaped
+    layers against the reference's 0.030, hence 3x for them; a wrong or missing term is off by
+    O(1)."""
+    return (3 if name.endswith(DECAY_PARAMETERS) else 2) * err_ref + 1e-2
 
 
 def test_decoding_fast_equals_reference(fast_backend, dtype=torch.bfloat16, tol=3e-2):
