@@ -7,7 +7,6 @@ Kept apart from the loop in `trainer.py` so the loop reads as the loop.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import os
 import resource

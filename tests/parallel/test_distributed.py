@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from qwen35 import Qwen35Config, Qwen35ForCausalLM
 from qwen35.data.task import build_task

@@ -62,8 +62,6 @@ def test_offloaded_adamw_equals_adamw_and_keeps_float32_masters_of_bf16_weights(
 
 def _adamw_reference(w, grads, lr, betas, eps, weight_decay):
     """AdamW written out in float64: decoupled decay, bias-corrected moments."""
-    import torch
-
     w, m, v = w.double(), 0.0, 0.0
     for t, g in enumerate(grads, start=1):
         g = g.double()
