@@ -149,10 +149,9 @@ def _as_user_error(read_config, *args):
 def _finish(result) -> int:
     """The end of a `train` or `rl` run: leave the process group, and exit 128 + the signal that
     stopped the run (130 / 143), else 0."""
-    import torch.distributed as dist
+    from qwen35.parallel import leave_process_group
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
     return 128 + result.stopped_by_signal if result.stopped_by_signal else 0
 
 

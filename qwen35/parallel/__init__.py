@@ -8,3 +8,13 @@ import torch.distributed as dist
 def is_rank_zero() -> bool:
     """The process that writes shared files and prints: rank 0, or the only process."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def leave_process_group() -> None:
+    """The end of a distributed process: every rank first waits for the others (none tears its
+    connections down while another still saves or communicates), then the process groups go,
+    before the interpreter's exit. Left to that exit, gloo's worker threads have aborted
+    processes ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

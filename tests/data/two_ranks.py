@@ -9,6 +9,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from qwen35.data.dataset import build_datasets
+from qwen35.parallel import leave_process_group
 
 
 def main(tokenizer_dir: str, spec: str, cache_dir: str, out: str) -> None:
@@ -23,7 +24,7 @@ def main(tokenizer_dir: str, spec: str, cache_dir: str, out: str) -> None:
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"files_from_cache": data.stats.files_from_cache,
                    "mapped": all(isinstance(file.ids, np.memmap) for file in data.train.files)}, f)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from qwen35 import Qwen35ForCausalLM
 from qwen35.checkpoint.hf import load_weights, read_model_config
+from qwen35.parallel import leave_process_group
 from qwen35.parallel.fsdp import apply_fsdp, data_parallel_mesh
 
 
@@ -36,4 +37,4 @@ model.tie_weights()
 load_weights(model, sys.argv[1])
 peak = max(peak_rss_bytes(), current_rss_bytes())
 Path(sys.argv[2].format(rank=dist.get_rank())).write_text(json.dumps({"growth": peak - before}))
-dist.destroy_process_group()
+leave_process_group()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from qwen35 import Qwen35ForCausalLM
 from qwen35.lora import LoraSettings, apply_lora
+from qwen35.parallel import leave_process_group
 from qwen35.parallel.checkpointing import apply_activation_checkpointing
 from qwen35.parallel.compile import compile_layers
 from qwen35.parallel.context import apply_context_parallel
@@ -105,7 +106,7 @@ def main(model_dir: str, kind: str, sp: int, out_path: str, ac: str, compile_: b
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"losses": losses, "grad_errors": grad_errors}, f)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

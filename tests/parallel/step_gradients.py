@@ -10,6 +10,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from qwen35.build import build_model_and_tokenizer
+from qwen35.parallel import leave_process_group
 from qwen35.train.config_parser import load_run_config
 from qwen35.train.setup import Runtime, prepare_data
 from qwen35.train.step import forward_backward
@@ -27,5 +28,4 @@ result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.tr
 grads = {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for name, p in model.named_parameters()}
 if rt.is_main:
     torch.save({"loss": result.loss, "aux": result.router["aux_loss"], "grads": grads}, out)
-if torch.distributed.is_initialized():  # not left to the interpreter's exit, where gloo's threads can abort it
-    torch.distributed.destroy_process_group()
+leave_process_group()

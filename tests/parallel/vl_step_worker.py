@@ -16,6 +16,7 @@ from qwen35.build import build_model_and_tokenizer
 from qwen35.data.media import MediaEncoder, collate_media, media_row
 from qwen35.data.processor import load_image_processor
 from qwen35.data.render import ChatRenderer
+from qwen35.parallel import leave_process_group
 from qwen35.train.config_parser import load_run_config
 from qwen35.train.setup import Runtime
 from qwen35.train.step import forward_backward
@@ -45,5 +46,4 @@ result = forward_backward(model, mine, _global_count, None, 0.0, rt.world_size)
 grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()}
 if rt.is_main:
     torch.save({"loss": result.loss, "grads": grads}, out)
-if torch.distributed.is_initialized():  # not left to the interpreter's exit, where gloo's threads can abort it
-    torch.distributed.destroy_process_group()
+leave_process_group()

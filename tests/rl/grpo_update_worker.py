@@ -11,6 +11,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from qwen35.build import build_model, load_tokenizer
+from qwen35.parallel import leave_process_group
 from qwen35.parallel.fsdp import gathered_for_decoding
 from qwen35.rl.config import RLRunConfig
 from qwen35.rl.loss import LossConfig
@@ -46,5 +47,4 @@ after = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() 
 trainable = sorted(n for n, p in policy.named_parameters() if p.requires_grad)
 if rt.is_main:
     torch.save({"metrics": metrics, "delta": {k: after[k] - before[k] for k in after}, "trainable": trainable}, out)
-if torch.distributed.is_initialized():  # not left to the interpreter's exit, where gloo's threads can abort it
-    torch.distributed.destroy_process_group()
+leave_process_group()
