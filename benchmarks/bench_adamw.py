@@ -52,9 +52,9 @@ def main() -> None:
         flat.grad = torch.cat([p.grad.flatten() for p in params])
         variants["flat"] = torch.optim.AdamW([flat], lr=1e-5, weight_decay=0.1, betas=(0.9, 0.95), fused=True)
         for variant, optimizer in variants.items():
-            seconds = ms_per_call(optimizer.step, 20) / 1e3
-            print(f"| {name} | {numel / 1e9:.2f}B | {variant} | {seconds * 1e3:.1f} | "
-                  f"{BYTES_PER_WEIGHT * numel / seconds / 1e9:,.0f} |", flush=True)
+            ms = ms_per_call(optimizer.step, 20)
+            print(f"| {name} | {numel / 1e9:.2f}B | {variant} | {ms:.1f} | "
+                  f"{BYTES_PER_WEIGHT * numel / ms / 1e6:,.0f} |", flush=True)
             optimizer.state.clear()
         del model, params, flat, variants
         torch.cuda.empty_cache()

@@ -6,12 +6,12 @@ kernel's GPU time from one profiled call of each.
     python benchmarks/bench_conv.py
 """
 import sys
-import time
 
 import torch
 sys.path.insert(0, ".")
 from qwen35.ops import fast_conv
 from benchmarks.bench_train import document_lengths
+from benchmarks.timing import ms_per_call
 from fla.modules.causal_conv1d import causal_conv1d as fla_conv
 for channels in (6144, 8192):
     lengths = document_lengths(8192, 4)
@@ -26,11 +26,7 @@ for channels in (6144, 8192):
         y, _ = fla_conv(x, w, activation="silu", cu_seqlens=cu)
         y.backward(dy)
     for name, fn in (("ours", ours), ("fla", theirs)):
-        for _ in range(3): fn()
-        torch.cuda.synchronize(); t = time.perf_counter()
-        for _ in range(20): fn()
-        torch.cuda.synchronize()
-        print(f"conv fwd+bwd {channels} channels, 8192 tokens in 4 docs: {name} {1e3 * (time.perf_counter() - t) / 20:.3f} ms", flush=True)
+        print(f"conv fwd+bwd {channels} channels, 8192 tokens in 4 docs: {name} {ms_per_call(fn, 20):.3f} ms", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         ours(); theirs(); torch.cuda.synchronize()
     for e in prof.key_averages():
