@@ -2,6 +2,8 @@
 
     python benchmarks/bench_optim.py --out results/                       # GPU: 0.8B, 8k rows, 200 steps
     python benchmarks/bench_optim.py --smoke --out /tmp/curves            # CPU, tiny preset, a few steps
+    python benchmarks/bench_optim.py --preset 9B --seq-len 4096 --ac full --compile --grad-clip 0 \
+        --variants float32:adamw:in_backward bf16_kahan:adamw8bit --out results/   # 9B on one H200
 
 Each variant trains the same randomly initialised preset from scratch on the built-in arithmetic
 task (`qwen35.data.task`, rendered and packed as the trainer does) with the trainer's own pieces:
@@ -9,6 +11,10 @@ task (`qwen35.data.task`, rendered and packed as the trainer does) with the trai
 `forward_backward`. Variants are `optim.weights:optim.name` pairs. Writes `curves.csv` (step, one
 loss column per variant), `curves.png`, and prints per variant the mean loss of the last 20 steps,
 the largest gap to the float32-master curve (both smoothed over 10 steps), tokens/s and peak memory.
+`float32:adamw:in_backward` is float32 AdamW applied inside the backward (`optim.in_backward`):
+the same arithmetic as `float32:adamw` in 12 instead of 16 bytes per weight, so the float32
+reference of a model too large for `float32:adamw` (the 9B on one H200); it cannot clip, so the
+comparison then runs every variant with `--grad-clip 0`.
 
 The default lr (1e-4, cosine to 1e-5) is where rounding matters: an Adam step moves a weight by
 about lr, and bf16 keeps 8 significant bits, so plain bf16 weights lose most updates of weights
@@ -37,20 +43,21 @@ from qwen35.train.optim import build_optimizer, build_scheduler  # noqa: E402
 from qwen35.train.setup import Runtime, prepare_data  # noqa: E402
 from qwen35.train.step import forward_backward  # noqa: E402
 
-REFERENCE = "float32:adamw"
-DEFAULT_VARIANTS = [REFERENCE, "bf16_kahan:adamw8bit", "bf16:adamw", "bf16_kahan:adamw", "float32:adamw8bit"]
+REFERENCES = ("float32:adamw", "float32:adamw:in_backward")  # the same arithmetic
+DEFAULT_VARIANTS = ["float32:adamw", "bf16_kahan:adamw8bit", "bf16:adamw", "bf16_kahan:adamw", "float32:adamw8bit"]
 
 
 def run_variant(variant: str, args, work: Path) -> dict:
     """Trains one variant; returns its losses per step, tokens/s and peak memory."""
-    weights, name = variant.split(":")
+    weights, name, *mode = variant.split(":")
     flags = ["--model.preset", args.preset, "--data.train_path", str(work / "task" / "train.jsonl"),
              "--data.seq_len", str(args.seq_len), "--data.cache_dir", str(work / "cache"),
              "--train.global_batch_size", "1", "--train.micro_batch_size", "1",
              "--train.max_steps", str(args.steps), "--train.output_dir", str(work / variant.replace(":", "_")),
              "--train.compile", str(args.compile).lower(), "--optim.lr", str(args.lr),
              "--optim.warmup_steps", str(args.warmup), "--optim.weight_decay", "0.1",
-             "--optim.name", name, "--optim.weights", weights]
+             "--optim.name", name, "--optim.weights", weights, "--optim.in_backward", str(mode == ["in_backward"]),
+             "--train.grad_clip", str(args.grad_clip), "--train.activation_checkpointing", args.ac]
     if args.smoke:
         flags += ["--model.kernels", "reference"]
     cfg = load_run_config(None, flags)
@@ -60,7 +67,7 @@ def run_variant(variant: str, args, work: Path) -> dict:
     data = prepare_data(cfg, tokenizer, rt)
     model = build_model(cfg, rt, tokenizer)
     optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                name=name, weights=weights)
+                                name=name, weights=weights, in_backward=cfg.optim.in_backward)
     scheduler = build_scheduler(optimizer, cfg.optim.warmup_steps, args.steps, cfg.optim.scheduler,
                                 cfg.optim.min_lr_ratio)
     if rt.device.type == "cuda":
@@ -74,7 +81,10 @@ def run_variant(variant: str, args, work: Path) -> dict:
             start, tokens = time.perf_counter(), 0
         micro = [{k: v.to(rt.device) for k, v in next(batches).items()}]
         result = forward_backward(model, micro, autocast_dtype=rt.autocast_dtype)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        if cfg.optim.in_backward:  # the update happened in the backward
+            optimizer.take_grad_norm()
+        elif args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -100,8 +110,9 @@ def summarize(curves: dict[str, dict]) -> list[str]:
     whole-run gap is set in the first steps, where the loss falls by an order of magnitude per
     few steps and a one-step lag (bf16 forward, rounded initial weights) shows as a gap of ~1;
     the second half's gap is where the weights' precision shows."""
-    reference = smoothed(curves[REFERENCE]["losses"]) if REFERENCE in curves else None
-    lines = ["| variant | loss, mean of last 20 steps | largest gap to float32:adamw (10-step means): "
+    name = next((v for v in curves if v in REFERENCES), None)
+    reference = smoothed(curves[name]["losses"]) if name else None
+    lines = [f"| variant | loss, mean of last 20 steps | largest gap to {name} (10-step means): "
              "whole run | second half | tokens/s | peak GiB |", "|---|---|---|---|---|---|"]
     for variant, run in curves.items():
         losses = run["losses"]
@@ -145,7 +156,10 @@ def main(argv=None) -> dict[str, dict]:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="optim.weights:optim.name pairs")
+    p.add_argument("--ac", default="none", help="train.activation_checkpointing (full for the 9B)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="train.grad_clip; 0: none (in_backward needs it)")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                   help="optim.weights:optim.name pairs; float32:adamw:in_backward for optim.in_backward")
     p.add_argument("--out", type=Path, required=True, help="curves.csv and curves.png go here")
     p.add_argument("--work", type=Path, help="task data and token cache (default: OUT/work)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny preset, 256-token rows, reference ops")

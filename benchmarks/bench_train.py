@@ -23,6 +23,8 @@ compiles the layers with `mode="reduce-overhead"`, an experiment the trainer doe
 - `offload` bf16 weights and gradients on the GPU, float32 masters and AdamW state in CPU memory
            (`qwen35.train.optim.OffloadedAdamW`, the trainer's `optim.cpu_offload`).
 - `fp32m-adam8`  as fp32m with bitsandbytes' 8-bit AdamW (`optim.name adamw8bit`).
+- `fp32m-inbwd`  as fp32m, each weight updated inside the backward as its gradient is complete
+                 and the gradient freed (`optim.in_backward`, `AdamWInBackward`).
 - `bf16-kahan`   bf16 weights and gradients, float32 moments, each update's rounding error kept in
                  a bf16 compensation buffer (`optim.weights bf16_kahan`); `bf16-kahan-adam8` with
                  8-bit moments; `bf16-adam8` bf16 weights rounded each step, 8-bit moments. These
@@ -98,9 +100,10 @@ from qwen35.train.config import LoraConfig  # noqa: E402
 from qwen35.train.flops import PEAK_BF16_FLOPS, attention_flops, step_flops  # noqa: E402
 from qwen35.train.optim import OffloadedAdamW, build_optimizer  # noqa: E402
 
-# --ours precisions that the trainer's optimizer options build: name -> (optim.name, optim.weights)
-OPTIM_PRECISIONS = {"fp32m-adam8": ("adamw8bit", "float32"), "bf16-kahan": ("adamw", "bf16_kahan"),
-                    "bf16-kahan-adam8": ("adamw8bit", "bf16_kahan"), "bf16-adam8": ("adamw8bit", "bf16")}
+# --ours precisions that the trainer's optimizer options build: name -> build_optimizer's options
+OPTIM_PRECISIONS = {"fp32m-adam8": dict(name="adamw8bit"), "fp32m-inbwd": dict(in_backward=True),
+                    "bf16-kahan": dict(weights="bf16_kahan"), "bf16-kahan-adam8": dict(name="adamw8bit", weights="bf16_kahan"),
+                    "bf16-adam8": dict(name="adamw8bit", weights="bf16")}
 
 
 
@@ -279,11 +282,13 @@ def _memory_profile(step, label: str) -> None:
 
 def _with_optimizer_state(optimizer, params) -> None:
     """One step on zero gradients, so the optimizer state exists before the first measured step
-    (a one-step trial, as the longest-context search runs, would otherwise peak without it)."""
+    (a one-step trial, as the longest-context search runs, would otherwise peak without it).
+    A parameter at a time: the gradients of all of them at once would raise the peak of an
+    optimizer that never holds them all (`fp32m-inbwd`)."""
     for p in params:
         p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        p.grad = None
 
 
 def _peak_gib(device) -> float:
@@ -333,8 +338,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device, media: VLWor
         if precision == "offload":
             optimizer = OffloadedAdamW(trained, lr=1e-5, weight_decay=0.1)
         elif precision in OPTIM_PRECISIONS:
-            optim_name, weights = OPTIM_PRECISIONS[precision]
-            optimizer = build_optimizer(model, 1e-5, 0.1, (0.9, 0.95), 1e-8, name=optim_name, weights=weights)
+            optimizer = build_optimizer(model, 1e-5, 0.1, (0.9, 0.95), 1e-8, **OPTIM_PRECISIONS[precision])
         else:
             optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.1, fused=fused or None)
         _with_optimizer_state(optimizer, trained)

@@ -151,6 +151,8 @@ def build_model(cfg: RunConfig, rt: Runtime, tokenizer) -> Qwen35ForCausalLM | Q
     if (cfg.optim.name != "adamw" or cfg.optim.weights != "float32") and rt.world_size > 1:
         raise UserError(f"optim.name {cfg.optim.name} with optim.weights {cfg.optim.weights} runs in one process: "
                         "under FSDP use optim.name adamw and optim.weights float32")
+    if cfg.optim.in_backward and rt.world_size > 1:
+        raise UserError("optim.in_backward runs in one process: FSDP reduces the gradients after the backward")
     if qlora and rt.world_size > 1:
         raise UserError("lora.quantize_base nf4 (QLoRA) runs on one GPU: FSDP over 4-bit weights is not built")
     if cfg.parallel.ep < 1:

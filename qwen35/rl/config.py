@@ -195,3 +195,6 @@ def _check(cfg: RLRunConfig) -> None:
     need(cfg.parallel.sp == 1 and cfg.parallel.cp == 1 and cfg.parallel.ep == 1,
          "parallel.sp, parallel.cp and parallel.ep are for train; a GRPO run shards with FSDP only")
     need(cfg.checkpoint.export_steps == 0, "checkpoint.export_steps is for train; a GRPO run exports at the end")
+    need((cfg.optim.name, cfg.optim.weights, cfg.optim.in_backward) == ("adamw", "float32", False),
+         "optim.name, optim.weights and optim.in_backward are for train; a GRPO run trains with AdamW on "
+         "float32 weights")

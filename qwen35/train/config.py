@@ -175,6 +175,11 @@ class OptimConfig:
     cpu_offload: bool = option(
         False, "One process: float32 master weights and AdamW state in CPU memory, bf16 weights and "
                "gradients on the GPU (9B on one 80 GB GPU); several: see parallel.cpu_offload")
+    in_backward: bool = option(
+        False, "float32 AdamW applied to each weight inside the backward pass as soon as its gradient is "
+               "complete, the gradient freed there: 12 bytes per weight instead of 16 (the 9B with float32 "
+               "masters on one 141 GB GPU). One process, one micro-batch per step, train.grad_clip 0 (the "
+               "global norm is known only after every weight changed)")
 
 
 @dataclass
@@ -314,6 +319,15 @@ def _check(cfg: RunConfig) -> None:
     need(not cfg.optim.cpu_offload or (cfg.optim.name, cfg.optim.weights) == ("adamw", "float32"),
          "optim.cpu_offload keeps float32 masters and AdamW state on the CPU: it takes optim.name adamw "
          "and optim.weights float32")
+    need(not cfg.optim.in_backward or (cfg.optim.name, cfg.optim.weights, cfg.optim.cpu_offload)
+         == ("adamw", "float32", False), "optim.in_backward is float32 AdamW on the device: it takes optim.name "
+         "adamw, optim.weights float32 and no optim.cpu_offload")
+    need(not cfg.optim.in_backward or train.grad_clip == 0,
+         f"optim.in_backward updates each weight before the global gradient norm is known, so it cannot clip: "
+         f"set train.grad_clip 0 (it is {train.grad_clip})")
+    need(not cfg.optim.in_backward or train.global_batch_size == train.micro_batch_size,
+         f"optim.in_backward updates the weights in every backward, so a step is one micro-batch: set "
+         f"train.global_batch_size to train.micro_batch_size ({train.global_batch_size} vs {train.micro_batch_size})")
     need(cfg.lora.rank == 0 or cfg.optim.weights == "float32",
          "optim.weights bf16_kahan or bf16 is for full fine-tuning (lora.rank 0): adapters train in float32")
     unknown = [part for part in cfg.model.freeze if part not in FREEZABLE]

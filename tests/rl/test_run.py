@@ -38,6 +38,9 @@ def test_rl_keys_go_through_the_train_parser():
         load_run_config(None, ["--rollout.n_samples_per_prompt", "1"], RLRunConfig)
     with pytest.raises(ValueError, match="grpo.overlong penalty"):
         load_run_config(None, ["--grpo.overlong", "penalty"], RLRunConfig)
+    for flags in (["--optim.name", "adamw8bit"], ["--optim.weights", "bf16"], ["--optim.in_backward", "true"]):
+        with pytest.raises(ValueError, match="are for train; a GRPO run trains with AdamW on float32 weights"):
+            load_run_config(None, flags, RLRunConfig)
 
 
 def test_the_miles_recipe_keeps_its_numbers():

@@ -136,6 +136,11 @@ def test_positional_argument_among_overrides_is_an_error():
         (["--model.path", "m", "--model.preset", "9B"], "exclusive"),
         (["--data.val_path", "v.jsonl", "--data.val_fraction", "0.1"], "exclusive"),
         (["--train.micro_batch_size", "0"], "train.micro_batch_size must be > 0"),
+        (["--optim.in_backward", "true", "--train.global_batch_size", "1", "--train.micro_batch_size", "1"],
+         "cannot clip: set train.grad_clip 0"),
+        (["--optim.in_backward", "true", "--train.grad_clip", "0", "--train.global_batch_size", "8",
+          "--train.micro_batch_size", "4"], "a step is one micro-batch"),
+        (["--optim.in_backward", "true", "--optim.name", "adamw8bit"], "optim.in_backward is float32 AdamW"),
     ],
 )
 def test_inconsistent_settings_are_rejected(flags, message):

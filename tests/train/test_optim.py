@@ -162,3 +162,65 @@ def test_kahan_tracks_float32_masters_where_plain_bf16_stalls_at_a_fine_tuning_l
         assert err < bound * moved, (err, moved)
     plain_moved = (plain.detach().float() - start.float()).abs().mean()
     assert plain_moved < 0.5 * moved, (plain_moved, moved)
+
+
+def test_adamw_in_backward_is_fused_adamw_and_frees_each_gradient_in_the_backward():
+    import torch
+
+    from qwen35.train.optim import AdamWInBackward
+
+    config = Qwen35Config(**TINY_CONFIG)
+    torch.manual_seed(0)
+    plain = Qwen35ForCausalLM.from_config(config)
+    ours = Qwen35ForCausalLM.from_config(config)
+    ours.load_state_dict(plain.state_dict())
+    groups = build_optimizer(plain, **SETTINGS).param_groups
+    reference = torch.optim.AdamW(groups, **SETTINGS, fused=True)  # the same kernel, on the CPU
+    in_backward = build_optimizer(ours, **SETTINGS, in_backward=True)
+    assert isinstance(in_backward, AdamWInBackward)
+    held = []  # how many parameters hold a gradient whenever the last one's is produced
+    list(ours.parameters())[-1].register_hook(lambda g: held.append(sum(p.grad is not None for p in ours.parameters())))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        ids = torch.randint(0, config.vocab_size, (2, 17), generator=gen)
+        plain(input_ids=ids, labels=ids).loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), math.inf)
+        reference.step()
+        reference.zero_grad(set_to_none=True)
+        ours(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is None for p in ours.parameters())
+        torch.testing.assert_close(in_backward.take_grad_norm(), norm, rtol=1e-5, atol=0)
+        in_backward.step()  # no gradient left: changes nothing
+    assert held and max(held) < len(list(ours.parameters())) // 2
+    # The gradients are the same, but the CPU kernel rounds a tensor updated alone differently from
+    # one updated in a list (1 ulp after the first step), and Adam's normalisation grows that in
+    # the later steps' gradients to ~1e-4 of an update (lr 1e-3); a wrong term would be off by a
+    # whole update. On the GPU the two are equal bit for bit (tests/gpu/test_training_run.py).
+    for (name, a), b in zip(ours.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * SETTINGS["lr"], msg=lambda m: f"{name}: {m}")
+    theirs, mine = reference.state_dict(), in_backward.state_dict()
+    assert mine["param_groups"] == [{k: v for k, v in g.items() if k in mine["param_groups"][0]}
+                                    for g in theirs["param_groups"]]
+    for key, value in theirs["state"].items():
+        assert mine["state"][key]["step"] == value["step"] == 3
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(mine["state"][key][k], value[k], rtol=1e-3, atol=1e-9)
+
+
+def test_adamw_in_backward_leaves_the_rest_of_a_step_alone_after_a_gradient_that_is_not_finite():
+    import torch
+
+    from qwen35.train.optim import AdamWInBackward
+
+    first = torch.nn.Parameter(torch.ones(4))
+    second = torch.nn.Parameter(torch.ones(4))
+    optimizer = AdamWInBackward([first, second], **SETTINGS)
+    (first * 2).sum().backward()  # finite: applied
+    assert (first < 1).all()
+    (second * float("nan")).sum().backward()  # not finite: skipped, its step not counted
+    (first * 2).sum().backward()  # same step, after the non-finite one: skipped too
+    assert (second == 1).all() and optimizer.state[second]["step"] == 0
+    assert optimizer.state[first]["step"] == 1
+    assert not torch.isfinite(optimizer.take_grad_norm())
+    (first * 2).sum().backward()  # the next step updates again
+    assert optimizer.state[first]["step"] == 2

@@ -184,6 +184,22 @@ def test_cpu_offloaded_optimizer_run_learns_with_bf16_weights_and_resumes_identi
     assert exported["model.layers.0.linear_attn.A_log"].dtype == torch.float32
 
 
+def test_optimizer_in_backward_run_has_the_plain_runs_losses_and_resumes_identically(tmp_path):
+    one_micro_batch = ["--train.grad_clip", "0", "--train.global_batch_size", "2", "--train.eval_steps", "0"]
+    plain = train(run_config(tmp_path, *one_micro_batch, "--train.output_dir", str(tmp_path / "plain")))
+    flags = [*one_micro_batch, "--optim.in_backward", "true", "--train.save_steps", "6", "--checkpoint.keep_last", "0"]
+    full = train(run_config(tmp_path, *flags))
+    rows = {name: [json.loads(line) for line in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
+            for name, run in (("plain", plain), ("in_backward", full))}
+    for a, b in zip(rows["in_backward"], rows["plain"], strict=True):  # the plain run's AdamW is torch's loop on the CPU
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"] and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * b["grad_norm"]
+    curve = losses(full.output_dir)
+    resumed = train(run_config(tmp_path, *flags, "--train.output_dir", str(tmp_path / "resumed"),
+                               "--train.resume", str(full.output_dir / "checkpoints" / "step_00000006")))
+    got = losses(resumed.output_dir)
+    assert sorted(got) == list(range(7, 13)) and all(got[s] == curve[s] for s in got)
+
+
 def test_offloaded_activation_checkpointing_run_has_the_plain_runs_losses(tmp_path):
     plain = losses(train(run_config(tmp_path, "--train.eval_steps", "0")).output_dir)
     offloaded = losses(train(run_config(
