@@ -135,6 +135,12 @@ class AdamWInBackward(torch.optim.Optimizer):
         self._sum_sq: torch.Tensor | None = None  # the step's squared gradient norm so far
         self._found_inf: torch.Tensor | None = None  # 1.0 once a gradient of the step was not finite
         for p in self._group_index:
+            # the state now, not at the first update: a state-less optimizer would make DCP's
+            # state-dict helpers give every parameter a zero gradient at once to create it, the
+            # very peak this optimizer avoids (a resumed 9B would not fit)
+            self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                                 exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
             p.register_post_accumulate_grad_hook(self._update_in_backward)
 
     def _update_in_backward(self, p: torch.Tensor) -> None:
@@ -146,11 +152,7 @@ class AdamWInBackward(torch.optim.Optimizer):
         # by index: load_state_dict replaces the group dicts
         group = self.param_groups[self._group_index[p]]
         state = self.state[p]
-        if not state:
-            state.update(step=torch.zeros((), dtype=torch.float32, device=p.device),
-                         exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                         exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
-        elif state["step"].device != p.device:  # as loaded from a checkpoint
+        if state["step"].device != p.device:  # as loaded from a checkpoint
             state["step"] = state["step"].to(p.device, torch.float32)
         if self._sum_sq is None:
             self._sum_sq = torch.zeros((), dtype=torch.float32, device=p.device)

@@ -166,6 +166,7 @@ def test_kahan_tracks_float32_masters_where_plain_bf16_stalls_at_a_fine_tuning_l
 
 def test_adamw_in_backward_is_fused_adamw_and_frees_each_gradient_in_the_backward():
     import torch
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from qwen35.train.optim import AdamWInBackward
 
@@ -178,6 +179,10 @@ def test_adamw_in_backward_is_fused_adamw_and_frees_each_gradient_in_the_backwar
     reference = torch.optim.AdamW(groups, **SETTINGS, fused=True)  # the same kernel, on the CPU
     in_backward = build_optimizer(ours, **SETTINGS, in_backward=True)
     assert isinstance(in_backward, AdamWInBackward)
+    # the checkpoint's state-dict helper finds a state, so it runs no step on zero gradients of
+    # every parameter at once to create one (that step would count)
+    get_optimizer_state_dict(ours, in_backward)
+    assert all(in_backward.state[p]["step"] == 0 for p in ours.parameters())
     held = []  # how many parameters hold a gradient whenever the last one's is produced
     list(ours.parameters())[-1].register_hook(lambda g: held.append(sum(p.grad is not None for p in ours.parameters())))
     gen = torch.Generator().manual_seed(1)
