@@ -158,16 +158,17 @@ def _finish(result) -> int:
 def train_config(args: list[str]):
     """The run config of `qwen35 train ARGS`. The built-in default run's settings apply only to
     that run: with a config file, or a model or data of its own, a run starts from the defaults."""
-    from qwen35.train.config_parser import load_run_config
+    from qwen35.train.config_parser import load_run_config, override_keys
 
     rest = list(args)
     yaml_path = rest.pop(0) if rest and not rest[0].startswith("-") else None
-    cfg = load_run_config(yaml_path, rest)
-    if yaml_path is None and cfg.model.path is None and cfg.model.preset is None and cfg.data.train_path is None:
+    # decided from the flags, before any checking: a flag may be valid only with the built-in
+    # run's settings (optim.in_backward needs its one micro-batch per step)
+    if yaml_path is None and not override_keys(rest) & {"model.path", "model.preset", "data.train_path"}:
         from qwen35.train.builtin import DEFAULT_RUN_CONFIG, fit_micro_batch
 
         return fit_micro_batch(load_run_config(DEFAULT_RUN_CONFIG, rest))
-    return cfg
+    return load_run_config(yaml_path, rest)
 
 
 def _rl(args: list[str]) -> int:

@@ -21,6 +21,14 @@ def test_no_arguments_is_the_built_in_default_run_on_the_tiny_preset():
     assert cfg.train.max_steps == 30
 
 
+def test_flags_are_checked_against_the_built_in_runs_settings_not_the_plain_defaults():
+    # valid with the built-in run's one micro-batch of 8 rows per step, not with the plain
+    # defaults' micro-batches of 1
+    cfg = train_config(["--optim.in_backward", "true", "--train.grad_clip", "0"])
+    assert cfg.model.preset == "tiny" and cfg.optim.in_backward
+    assert cfg.train.global_batch_size == cfg.train.micro_batch_size == 8
+
+
 def test_a_run_with_its_own_model_and_data_starts_from_the_documented_defaults(tmp_path):
     cfg = train_config(["--model.path", str(tmp_path), "--data.train_path", str(tmp_path / "train.jsonl")])
     assert cfg.model.preset is None

@@ -1,9 +1,11 @@
 """What a run checks about its model source before any work, and how the built-in run fits its
 micro-batch to the processes of a torchrun job."""
 
+from types import SimpleNamespace
+
 import pytest
 
-from qwen35.build import TOKENIZER_FILES, load_tokenizer
+from qwen35.build import TOKENIZER_FILES, build_model, load_tokenizer
 from qwen35.errors import UserError
 from qwen35.train.builtin import DEFAULT_RUN_CONFIG, fit_micro_batch
 from qwen35.train.config_parser import load_run_config
@@ -29,3 +31,11 @@ def test_a_global_batch_that_cannot_split_names_the_flag(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(UserError, match="--train.global_batch_size to a multiple of 3"):
         fit_micro_batch(load_run_config(DEFAULT_RUN_CONFIG, []))
+
+
+def test_the_built_in_run_with_optim_in_backward_under_torchrun_is_refused_as_one_process_only(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = fit_micro_batch(load_run_config(DEFAULT_RUN_CONFIG, ["--optim.in_backward", "true", "--train.grad_clip", "0"]))
+    assert cfg.train.micro_batch_size == 8  # not shrunk into a config error about micro-batches
+    with pytest.raises(UserError, match="optim.in_backward runs in one process"):
+        build_model(cfg, SimpleNamespace(world_size=2), tokenizer=None)

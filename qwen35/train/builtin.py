@@ -68,7 +68,8 @@ def fit_micro_batch(cfg: RunConfig) -> RunConfig:
     splits over the data-parallel ranks (8 rows on 1, 2, 4 or 8 processes)."""
     dp = int(os.environ.get("WORLD_SIZE", "1")) // (cfg.parallel.sp * cfg.parallel.cp)
     train_cfg = cfg.train
-    if dp > 1 and train_cfg.global_batch_size % (train_cfg.micro_batch_size * dp):
+    # optim.in_backward keeps its one micro-batch: it runs in one process, which build_model says
+    if dp > 1 and not cfg.optim.in_backward and train_cfg.global_batch_size % (train_cfg.micro_batch_size * dp):
         if train_cfg.global_batch_size % dp:
             raise UserError(f"train.global_batch_size ({train_cfg.global_batch_size}) does not split over "
                             f"{dp} data-parallel ranks; set --train.global_batch_size to a multiple of {dp}")

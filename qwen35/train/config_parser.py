@@ -49,6 +49,12 @@ def load_run_config(yaml_path: str | Path | None, overrides: list[str], config_c
     return config_cls(**{s: dataclasses.replace(getattr(defaults, s), **values[s]) for s in sections})
 
 
+def override_keys(overrides: list[str], config_cls: type = RunConfig) -> set[str]:
+    """The `section.key`s that command-line `overrides` set (unknown keys raise as in loading)."""
+    sections = sections_of(config_cls)
+    return {".".join(_resolve_key(key, "command line", sections)) for key, _ in _split_overrides(overrides, sections)}
+
+
 def _merge_yaml(values: dict[str, dict[str, Any]], path: Path, sections: dict[str, type]) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"run config {path} does not exist")
