@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qwen35.build import build_model, load_tokenizer  # noqa: E402
 from qwen35.data.task import build_task  # noqa: E402
 from qwen35.train.config_parser import load_run_config  # noqa: E402
-from qwen35.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from qwen35.train.optim import build_optimizer, build_scheduler, clip_gradients  # noqa: E402
 from qwen35.train.setup import Runtime, prepare_data  # noqa: E402
 from qwen35.train.step import forward_backward  # noqa: E402
 
@@ -81,10 +81,7 @@ def run_variant(variant: str, args, work: Path) -> dict:
             start, tokens = time.perf_counter(), 0
         micro = [{k: v.to(rt.device) for k, v in next(batches).items()}]
         result = forward_backward(model, micro, autocast_dtype=rt.autocast_dtype)
-        if cfg.optim.in_backward:  # the update happened in the backward
-            optimizer.take_grad_norm()
-        elif args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        clip_gradients(optimizer, model.parameters(), args.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

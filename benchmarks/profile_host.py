@@ -81,7 +81,7 @@ prof.export_chrome_trace("/tmp/trace.json")
 with open("/tmp/trace.json", "rb") as f, gzip.open(f"{OUT}/trace_{name}_{precision}.json.gz", "wb") as g:
     shutil.copyfileobj(f, g)
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45), flush=True)
-kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+kern = B.gpu_kernels(prof.events())
 print("kernels per step:", len(kern))
 from torch._dynamo.utils import counters
 print("dynamo stats:", dict(counters["stats"]))

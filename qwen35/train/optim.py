@@ -181,6 +181,16 @@ class AdamWInBackward(torch.optim.Optimizer):
         return norm
 
 
+def clip_gradients(optimizer: torch.optim.Optimizer, parameters, max_norm: float,
+                   clip_grad_norm=torch.nn.utils.clip_grad_norm_) -> torch.Tensor:
+    """The step's gradient norm, after the backward and before `optimizer.step()`, the gradients
+    clipped to `max_norm` (0: not clipped) by `clip_grad_norm`. `AdamWInBackward` updated the
+    weights in the backward already: its summed norm, nothing to clip."""
+    if isinstance(optimizer, AdamWInBackward):
+        return optimizer.take_grad_norm()
+    return clip_grad_norm(parameters, max_norm if max_norm > 0 else math.inf)
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak lr at `step` (0-based): linear warmup, then the schedule's decay."""
     if step < warmup_steps:

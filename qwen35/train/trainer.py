@@ -14,7 +14,6 @@ exports are written aside and renamed into place once complete.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from qwen35.train import guards, rundir
 from qwen35.train.config import RunConfig
 from qwen35.train.flops import PEAK_BF16_FLOPS, flops_per_token
 from qwen35.train.metrics import MetricsLogger, WandbSettings
-from qwen35.train.optim import AdamWInBackward, build_optimizer, build_scheduler
+from qwen35.train.optim import build_optimizer, build_scheduler, clip_gradients
 from qwen35.build import build_model, is_vision_language, load_tokenizer
 from qwen35.train.setup import Runtime, export_model, prepare_data
 from qwen35.train.step import forward_backward, model_inputs
@@ -144,11 +143,7 @@ def train(cfg: RunConfig) -> TrainResult:
             micro = [_to_device(next(batches), rt.device) for _ in range(accumulation)]
             result = forward_backward(model, micro, _global_count, rt.autocast_dtype, cfg.train.router_z_loss_coef,
                                       rt.world_size, cfg.train.router_balance, rt.ranks_per_row)
-            if isinstance(optimizer, AdamWInBackward):  # updated in the backward already
-                grad_norm = optimizer.take_grad_norm()
-            else:
-                clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-                grad_norm = clip_grad_norm(model.parameters(), clip)
+            grad_norm = clip_gradients(optimizer, model.parameters(), cfg.train.grad_clip, clip_grad_norm)
             loss = float(result.loss)
             signum, nonfinite = guards.agree(stop.signum, not guards.is_finite(loss, float(grad_norm)), rt.device)
             if not nonfinite:  # a non-finite step changes nothing but the step count and the schedule
