@@ -21,7 +21,9 @@ compiles the layers with `mode="reduce-overhead"`, an experiment the trainer doe
            autocast; `qlora` the same over a 4-bit NF4 base (bitsandbytes). MFU counts the full
            model's FLOPs (the frozen weights still run forward and backward through activations).
 - `offload` bf16 weights and gradients on the GPU, float32 masters and AdamW state in CPU memory
-           (`qwen35.train.optim.OffloadedAdamW`, the trainer's `optim.cpu_offload`).
+           (`qwen35.train.offload.OffloadedAdamW`, the trainer's `optim.cpu_offload`);
+           `offload-inbwd` the same with the CPU update run during the backward
+           (`optim.cpu_offload` with `optim.in_backward`).
 - `fp32m-adam8`  as fp32m with bitsandbytes' 8-bit AdamW (`optim.name adamw8bit`).
 - `fp32m-inbwd`  as fp32m, each weight updated inside the backward as its gradient is complete
                  and the gradient freed (`optim.in_backward`, `AdamWInBackward`).
@@ -98,10 +100,11 @@ from qwen35.parallel.checkpointing import apply_activation_checkpointing  # noqa
 from qwen35.parallel.compile import compile_layers  # noqa: E402
 from qwen35.train.config import LoraConfig  # noqa: E402
 from qwen35.train.flops import PEAK_BF16_FLOPS, attention_flops, step_flops  # noqa: E402
-from qwen35.train.optim import OffloadedAdamW, build_optimizer  # noqa: E402
+from qwen35.train.optim import build_optimizer  # noqa: E402
 
 # --ours precisions that the trainer's optimizer options build: name -> build_optimizer's options
 OPTIM_PRECISIONS = {"fp32m-adam8": dict(name="adamw8bit"), "fp32m-inbwd": dict(in_backward=True),
+                    "offload": dict(cpu_offload=True), "offload-inbwd": dict(cpu_offload=True, in_backward=True),
                     "bf16-kahan": dict(weights="bf16_kahan"), "bf16-kahan-adam8": dict(name="adamw8bit", weights="bf16_kahan"),
                     "bf16-adam8": dict(name="adamw8bit", weights="bf16")}
 
@@ -335,9 +338,7 @@ def run_ours(config, name, variant, lengths, steps, warmup, device, media: VLWor
             compile_layers(model, mode="reduce-overhead")
         fused = device.type == "cuda"
         trained = [p for p in model.parameters() if p.requires_grad]
-        if precision == "offload":
-            optimizer = OffloadedAdamW(trained, lr=1e-5, weight_decay=0.1)
-        elif precision in OPTIM_PRECISIONS:
+        if precision in OPTIM_PRECISIONS:
             optimizer = build_optimizer(model, 1e-5, 0.1, (0.9, 0.95), 1e-8, **OPTIM_PRECISIONS[precision])
         else:
             optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.1, fused=fused or None)

@@ -174,12 +174,14 @@ class OptimConfig:
                    "below half a bf16 spacing are lost); one process, full fine-tuning")
     cpu_offload: bool = option(
         False, "One process: float32 master weights and AdamW state in CPU memory, bf16 weights and "
-               "gradients on the GPU (9B on one 80 GB GPU); several: see parallel.cpu_offload")
+               "gradients on the GPU (9B on one 80 GB GPU); with optim.in_backward the CPU update runs "
+               "during the backward; several processes: see parallel.cpu_offload")
     in_backward: bool = option(
         False, "float32 AdamW applied to each weight inside the backward pass as soon as its gradient is "
                "complete, the gradient freed there: 12 bytes per weight instead of 16 (the 9B with float32 "
-               "masters on one 141 GB GPU). One process, one micro-batch per step, train.grad_clip 0 (the "
-               "global norm is known only after every weight changed)")
+               "masters on one 141 GB GPU); with optim.cpu_offload, handed to the CPU update then. One "
+               "process, one micro-batch per step, train.grad_clip 0 (the global norm is known only after "
+               "every weight changed)")
 
 
 @dataclass
@@ -319,9 +321,8 @@ def _check(cfg: RunConfig) -> None:
     need(not cfg.optim.cpu_offload or (cfg.optim.name, cfg.optim.weights) == ("adamw", "float32"),
          "optim.cpu_offload keeps float32 masters and AdamW state on the CPU: it takes optim.name adamw "
          "and optim.weights float32")
-    need(not cfg.optim.in_backward or (cfg.optim.name, cfg.optim.weights, cfg.optim.cpu_offload)
-         == ("adamw", "float32", False), "optim.in_backward is float32 AdamW on the device: it takes optim.name "
-         "adamw, optim.weights float32 and no optim.cpu_offload")
+    need(not cfg.optim.in_backward or (cfg.optim.name, cfg.optim.weights) == ("adamw", "float32"),
+         "optim.in_backward is float32 AdamW: it takes optim.name adamw and optim.weights float32")
     need(not cfg.optim.in_backward or train.grad_clip == 0,
          f"optim.in_backward updates each weight before the global gradient norm is known, so it cannot clip: "
          f"set train.grad_clip 0 (it is {train.grad_clip})")

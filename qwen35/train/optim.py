@@ -15,6 +15,10 @@ soon as its gradient is complete, and that gradient freed (`AdamWInBackward`): 4
 per weight, the float32 AdamW of the default exactly, but no clipping by the global norm and one
 micro-batch per step.
 
+`optim.cpu_offload` (float32 masters, adamw) keeps masters and moments in CPU memory
+(`qwen35.train.offload.OffloadedAdamW`): 2 + 2 bytes per bf16 weight on the GPU; with
+`optim.in_backward` the CPU update runs during the backward.
+
 Norm weights, biases and the GDN decay parameters (every parameter with fewer than two
 dimensions) get no weight decay, as in transformers' Trainer: decaying `A_log` toward 0 would pull
 every head's decay rate toward exp(0) = 1 regardless of the data.
@@ -26,7 +30,8 @@ import math
 
 import torch
 
-from qwen35.train.kahan import KahanAdamW, load_state_keeping_dtypes
+from qwen35.train.kahan import KahanAdamW
+from qwen35.train.offload import OffloadedAdamW, hook_while_alive
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 WEIGHTS = ("float32", "bf16_kahan", "bf16")
@@ -40,16 +45,15 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     if name not in OPTIMIZERS or weights not in WEIGHTS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS} and optim.weights one of {WEIGHTS}, "
                          f"not {name!r} and {weights!r}")
-    if in_backward and (name, weights, cpu_offload) != ("adamw", "float32", False):
-        raise ValueError("optim.in_backward is float32 AdamW on the device: optim.name adamw, optim.weights "
-                         "float32, no optim.cpu_offload")
+    if in_backward and (name, weights) != ("adamw", "float32"):
+        raise ValueError("optim.in_backward is float32 AdamW: optim.name adamw, optim.weights float32")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     settings = dict(lr=lr, betas=tuple(betas), eps=eps)
     if cpu_offload:
-        return OffloadedAdamW(groups, **settings)
+        return OffloadedAdamW(groups, **settings, in_backward=in_backward)
     if in_backward:
         return AdamWInBackward(groups, **settings)
     if weights == "bf16_kahan":
@@ -62,53 +66,6 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
         return bnb.optim.AdamW8bit(groups, **settings)
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, **settings, fused=fused or None)
-
-
-class OffloadedAdamW(torch.optim.Optimizer):
-    """AdamW whose float32 master weights and moments live in CPU memory (ZeRO-Offload's split).
-
-    The model's parameters (on the GPU, bf16) are what forward and backward use; each step moves
-    a parameter's gradient to the CPU, updates the float32 master there with torch's AdamW
-    arithmetic, and copies the master back into the parameter. GPU memory per parameter: 2 bytes
-    of weight + 2 of gradient instead of 16; the CPU holds 12 (master, two moments). One
-    parameter's gradient is on the CPU at a time. Parameters that are float32 in the model (A_log,
-    the GDN norm weight) are their own masters' exact copies. The state is an ordinary optimizer
-    state dict (`master`, `exp_avg`, `exp_avg_sq`, `step` per parameter), so DCP checkpoints it.
-    """
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    def _state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            master = p.detach().to("cpu", torch.float32, copy=True)
-            state.update(master=master, exp_avg=torch.zeros_like(master), exp_avg_sq=torch.zeros_like(master),
-                         step=torch.zeros((), dtype=torch.float32))
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, except that the state stays float32 on the CPU (torch's would cast every
-        state tensor to its parameter's dtype and device: bf16, on the GPU)."""
-        load_state_keeping_dtypes(self, state_dict, lambda p: torch.device("cpu"))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._state(p)
-                master, exp_avg, exp_avg_sq = state["master"], state["exp_avg"], state["exp_avg_sq"]
-                grad = p.grad.to("cpu").float()  # moved in the parameter's dtype (bf16: half the bytes)
-                state["step"] += 1
-                # torch's fused AdamW kernel (the CPU one here): one pass over the parameter
-                torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [state["step"]], lr=lr,
-                                    beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                                    amsgrad=False, maximize=False)
-                p.copy_(master.to(p.dtype))
 
 
 class AdamWInBackward(torch.optim.Optimizer):
@@ -129,6 +86,8 @@ class AdamWInBackward(torch.optim.Optimizer):
     `step()` updates the parameters that hold a gradient set outside a backward (by hand).
     """
 
+    updates_in_backward = True
+
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._group_index = {p: i for i, group in enumerate(self.param_groups) for p in group["params"]}
@@ -141,7 +100,7 @@ class AdamWInBackward(torch.optim.Optimizer):
             self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device),
                                  exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                                  exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
-            p.register_post_accumulate_grad_hook(self._update_in_backward)
+            p.register_post_accumulate_grad_hook(hook_while_alive(self._update_in_backward))
 
     def _update_in_backward(self, p: torch.Tensor) -> None:
         self._update(p)
@@ -184,9 +143,9 @@ class AdamWInBackward(torch.optim.Optimizer):
 def clip_gradients(optimizer: torch.optim.Optimizer, parameters, max_norm: float,
                    clip_grad_norm=torch.nn.utils.clip_grad_norm_) -> torch.Tensor:
     """The step's gradient norm, after the backward and before `optimizer.step()`, the gradients
-    clipped to `max_norm` (0: not clipped) by `clip_grad_norm`. `AdamWInBackward` updated the
-    weights in the backward already: its summed norm, nothing to clip."""
-    if isinstance(optimizer, AdamWInBackward):
+    clipped to `max_norm` (0: not clipped) by `clip_grad_norm`. An optimizer that updated the
+    weights in the backward already (`optim.in_backward`): its summed norm, nothing to clip."""
+    if getattr(optimizer, "updates_in_backward", False):
         return optimizer.take_grad_norm()
     return clip_grad_norm(parameters, max_norm if max_norm > 0 else math.inf)
 

@@ -68,3 +68,30 @@ def test_init_weights_after_meta_construction_matches_transformers_kind():
     std = params["model.layers.0.mlp.up_proj.weight"].std().item()
     assert 0.015 < std < 0.025
     assert params["model.embed_tokens.weight"][0].abs().max() == 0  # padding row
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_model_materialised_in_bf16_starts_from_the_float32_models_weights_rounded(device):
+    """Built as the trainer builds it (on meta, cast to the parameter dtype, then memory and
+    `init_weights`): torch draws a bf16 normal from the float32 numbers and rounds them, on the CPU
+    and the GPU, so runs of two precisions from one seed start from one point."""
+    config = Qwen35Config(
+        vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4,
+    )
+
+    def materialised(dtype):
+        with torch.device("meta"):
+            model = Qwen35ForCausalLM(config)
+        model.to_compute_dtype(dtype)
+        model.to_empty(device=device)
+        model.tie_weights()
+        torch.manual_seed(0)
+        model.init_weights()
+        return dict(model.named_parameters())
+
+    low, full = materialised(torch.bfloat16), materialised(torch.float32)
+    assert low["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    for name, p in low.items():
+        assert torch.equal(p, full[name].to(p.dtype)), name

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import Qwen3_5ForCausalLM
 
@@ -184,10 +185,12 @@ def test_cpu_offloaded_optimizer_run_learns_with_bf16_weights_and_resumes_identi
     assert exported["model.layers.0.linear_attn.A_log"].dtype == torch.float32
 
 
-def test_optimizer_in_backward_run_has_the_plain_runs_losses_and_resumes_identically(tmp_path):
+@pytest.mark.parametrize("where", ["device", "cpu_offload"])
+def test_optimizer_in_backward_run_has_the_plain_runs_losses_and_resumes_identically(tmp_path, where):
     one_micro_batch = ["--train.grad_clip", "0", "--train.global_batch_size", "2", "--train.eval_steps", "0"]
     plain = train(run_config(tmp_path, *one_micro_batch, "--train.output_dir", str(tmp_path / "plain")))
-    flags = [*one_micro_batch, "--optim.in_backward", "true", "--train.save_steps", "6", "--checkpoint.keep_last", "0"]
+    flags = [*one_micro_batch, "--optim.in_backward", "true", "--optim.cpu_offload", str(where == "cpu_offload"),
+             "--train.save_steps", "6", "--checkpoint.keep_last", "0"]
     full = train(run_config(tmp_path, *flags))
     rows = {name: [json.loads(line) for line in (run.output_dir / "metrics.jsonl").read_text().splitlines()]
             for name, run in (("plain", plain), ("in_backward", full))}
