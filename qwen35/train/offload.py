@@ -20,7 +20,9 @@ gradient dropped there, so the CPU works while the GPU computes the earlier laye
 with `AdamWInBackward`: no clipping by the global norm, one micro-batch per step, the norm summed
 for the log (`take_grad_norm`). Either way the step is over when every update has been copied:
 `step()` (or `take_grad_norm()`) waits for the threads and makes the compute stream wait for the
-upload stream, so the next forward reads the new weights.
+upload stream, so the next forward reads the new weights; until then, with `in_backward`, the
+weights are changing under the caller (the trainer calls `take_grad_norm()` right after the
+backward).
 
 From the first gradient of a step that is not finite on, the rest of the step's parameters are
 left as they are, their step not counted. The state is an ordinary
