@@ -287,14 +287,11 @@ def hook_while_alive(method):
 
 def _ready(device: torch.device):
     """An event after the work queued so far on the device's current stream (None on the CPU)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
+    return _record(torch.cuda.current_stream(device) if device.type == "cuda" else None)
 
 
 def _record(stream):
+    """An event after the work queued so far on `stream` (None: the CPU, nothing to wait for)."""
     if stream is None:
         return None
     event = torch.cuda.Event()
